@@ -176,6 +176,7 @@ def read_jsonl(path: str | Path, purpose: str) -> list[dict]:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """Write atomically: a crash never leaves a half-written file under the final name."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
         for record in records:

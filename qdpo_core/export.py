@@ -1,0 +1,98 @@
+"""Export: the PEFT adapter users download, a manifest that says exactly what it is, and the report.
+
+    export/
+        adapter/adapter_config.json, adapter/adapter_model.safetensors
+        manifest.json   base model, quantization, method, hyperparameters, metrics, sha256 per file
+        report.json, report.md
+
+The adapter is meant for the *same quantized base* it was trained on (merging LoRA into a 4-bit
+base degrades it); `load_aligned(export_dir)` rebuilds that base from the manifest and attaches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from qdpo_core import __version__
+from qdpo_core.checkpoint import copy_adapter
+from qdpo_core.config import PipelineSpec, QuantSpec
+from qdpo_core.report import markdown_report
+
+FORMAT = "qdpo-adapter/1"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def quantization_label(quant: QuantSpec) -> str:
+    if quant.method == "rtn":
+        return f"RTN {quant.bits}-bit, group {quant.group_size}"
+    return {"nf4": "bitsandbytes nf4", "fp4": "bitsandbytes fp4", "int8": "bitsandbytes int8"}.get(quant.method, quant.method)
+
+
+def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, model_source: str) -> dict:
+    """Write the export directory atomically and return the manifest."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    copy_adapter(best_adapter, tmp / "adapter")
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (tmp / "report.md").write_text(markdown_report(report), encoding="utf-8")
+    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {
+        "format": FORMAT,
+        "qdpo_version": __version__,
+        "created_at": int(time.time()),
+        "base_model": {"name": spec.model.name, "source": model_source},
+        "quantization": spec.quantization.to_dict(),
+        "quantization_label": quantization_label(spec.quantization),
+        "method": spec.method,
+        "hyperparameters": spec.train.to_dict(),
+        "generation": spec.generation.to_dict(),
+        "seed": spec.seed,
+        "selected_checkpoint": report.get("selected_checkpoint"),
+        "stopped_early": report.get("stopped_early"),
+        "metrics": {k: report[k] for k in ("fp", "ptq", "aligned", "gap_closed")},
+        "files": files,
+        "spec": spec.to_dict(),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return manifest
+
+
+def verify(export_dir: Path) -> dict:
+    """Check every file against the manifest's sha256; raise ValueError naming the first mismatch."""
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for name, expected in manifest["files"].items():
+        actual = sha256_file(export_dir / name)
+        if actual != expected:
+            raise ValueError(f"{name}: sha256 {actual} does not match the manifest ({expected})")
+    return manifest
+
+
+def load_aligned(export_dir: str | Path, device: str = "auto"):
+    """Rebuild the quantized base named in the manifest and attach the adapter → (model, tokenizer)."""
+    from peft import PeftModel
+
+    from qdpo_core.models import load_tokenizer, resolve_device, resolve_model_dir
+    from qdpo_core.quantize import load_quantized
+
+    export_dir = Path(export_dir)
+    manifest = verify(export_dir)
+    spec = PipelineSpec.from_dict(manifest["spec"])
+    model_dir = resolve_model_dir(spec.model.name)
+    base, _ = load_quantized(model_dir, spec.quantization, resolve_device(device), spec.model.dtype)
+    model = PeftModel.from_pretrained(base, export_dir / "adapter")
+    model.eval()
+    return model, load_tokenizer(model_dir)

@@ -1,0 +1,96 @@
+"""Batched chat generation with a cap on new tokens; answers that hit the cap are marked unfinished."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Response:
+    ids: list[int]  # generated tokens, ending with the end-of-turn token when finished
+    text: str
+    finished: bool  # False when the answer was cut by max_new_tokens
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None})
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], decoding: Decoding, seed: int = 0) -> list[Response]:
+    """Answer one batch of already-encoded prompts (any lengths; they are left-padded here)."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention_mask[i, width - len(p) :] = 1
+    stop = _stop_ids(model, tokenizer)
+    sampling = {"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p} if decoding.do_sample else {"do_sample": False}
+    if decoding.do_sample:
+        torch.manual_seed(seed)  # each batch seeds itself, so a resumed run samples the same answers
+    was_training = model.training
+    model.eval()
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=decoding.max_new_tokens,
+        eos_token_id=stop,
+        pad_token_id=pad,
+        top_k=None,
+        **sampling,
+    )
+    model.train(was_training)
+    responses = []
+    for row in output[:, width:].tolist():
+        ids, finished = [], False
+        for token in row:
+            ids.append(token)
+            if token in stop:
+                finished = True
+                break
+        text = tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
+        responses.append(Response(ids, text, finished))
+    return responses
+
+
+def batched(items: list, size: int) -> Iterator[tuple[int, list]]:
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+def generate_all(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    decoding: Decoding,
+    batch_size: int,
+    seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[Response]:
+    """Answer many prompts; batches are formed from length-sorted prompts to waste little padding."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Response | None] = [None] * len(prompts)
+    total = -(-len(prompts) // batch_size)
+    for number, (start, chunk) in enumerate(batched(order, batch_size), start=1):
+        answers = generate(model, tokenizer, [prompts[i] for i in chunk], decoding, seed=seed + start)
+        for i, answer in zip(chunk, answers):
+            results[i] = answer
+        if on_batch:
+            on_batch(number, total)
+    return results  # type: ignore[return-value]

@@ -1,0 +1,53 @@
+"""Pure loss functions: DPO (sigmoid / hinge / IPO), token-level KD, NLL. Testable alone.
+
+All log-prob arguments are per sequence, shape (B,): summed over response tokens for sigmoid and
+hinge, averaged over response tokens for IPO (as its definition asks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    kind: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards → (losses (B,), chosen_rewards (B,), rejected_rewards (B,)).
+
+    Δ = [log πθ(y_w|x) − log πref(y_w|x)] − [log πθ(y_l|x) − log πref(y_l|x)]
+    sigmoid: −log σ(βΔ)      hinge: max(0, 1 − βΔ)      ipo: (Δ − 1/(2β))²
+    """
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    delta = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif kind == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif kind == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}; use sigmoid, hinge or ipo")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions of KL(p_teacher ‖ p_student).
+
+    student_logits, teacher_logits: (B, T, V); mask: (B, T), 1 on the positions that count.
+    """
+    teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (B, T)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def nll_loss(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of whole sequences. logps: summed (B,), lengths (B,)."""
+    return -(logps.sum() / lengths.sum().clamp(min=1))

@@ -1,0 +1,164 @@
+"""Build the quantized student: bitsandbytes nf4 / fp4 / int8, or group-wise RTN fake-quant.
+
+bitsandbytes is imported here and nowhere else. The full-precision teacher is loaded separately
+(`models.load_full_precision`) and never modified.
+
+RTN ("round to nearest") is the plain post-training baseline: each row of a linear weight is cut
+into groups of `group_size` input weights; each group gets its own scale and zero point and is
+rounded to 2^bits levels. We keep the de-quantized values in float ("fake quant"): the numbers are
+exactly those a packed kernel would compute with, which is what alignment has to repair.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdpo_core.config import QuantSpec
+from qdpo_core.models import torch_dtype
+
+log = logging.getLogger(__name__)
+
+# Output heads and embeddings stay in full precision, as bitsandbytes does by default.
+SKIP_MODULES = ("lm_head",)
+
+
+@dataclass
+class QuantInfo:
+    method: str
+    bits: int
+    group_size: int | None
+    memory_bytes: int  # as held in memory here
+    packed_bytes: int  # what the weights take when stored at `bits` (RTN: weights + per-group scale/zero)
+    quantized_layers: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_quantized(model_dir: Path, spec: QuantSpec, device: str, dtype: str = "float32"):
+    """Load a fresh quantized copy of the model in `model_dir` → (model, QuantInfo)."""
+    from transformers import AutoModelForCausalLM
+
+    if spec.method == "rtn":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True)
+        layers, packed = rtn_quantize_(model, spec.bits, spec.group_size)
+        model.to(device)
+    else:
+        _quiet_bitsandbytes()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=torch_dtype(dtype),
+            quantization_config=bnb_config(spec, dtype),
+            device_map={"": device},
+            use_safetensors=True,
+        )
+        layers = disable_cpu_weight_packing(model)
+        packed = model.get_memory_footprint()
+    model.eval()
+    model.requires_grad_(False)
+    info = QuantInfo(spec.method, spec.bits, spec.group_size if spec.method == "rtn" else None, model.get_memory_footprint(), packed, layers)
+    return model, info
+
+
+def bnb_config(spec: QuantSpec, dtype: str = "float32"):
+    from transformers import BitsAndBytesConfig
+
+    if spec.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(SKIP_MODULES))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.method,  # "nf4" | "fp4"
+        bnb_4bit_compute_dtype=torch_dtype(dtype),
+        bnb_4bit_use_double_quant=spec.double_quant,
+        llm_int8_skip_modules=list(SKIP_MODULES),
+    )
+
+
+def disable_cpu_weight_packing(model: nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers on their autograd-capable path; return the layer count.
+
+    On CPUs with AVX512-BF16, an eval-mode forward repacks 4-bit weights into a bf16 layout served
+    by `gemv_4bit`, which has no autograd kernel: after any evaluation or generation, LoRA gradients
+    through those layers would be silently wrong, and the quantized model's numbers would differ
+    from the ones training sees. We turn the repacking off and undo it where it already happened.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            count += 1
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            count += 1
+    return count
+
+
+def _quiet_bitsandbytes() -> None:
+    # LLM.int8 warns on every matmul that float32 inputs are cast to float16; once is enough.
+    class _Once(logging.Filter):
+        seen: set = set()
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            key = record.getMessage()[:60]
+            if key in self.seen:
+                return False
+            self.seen.add(key)
+            return True
+
+    for name in ("bitsandbytes", "bitsandbytes.autograd._functions"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Once) for f in logger.filters):
+            logger.addFilter(_Once())
+    import warnings
+
+    warnings.filterwarnings("once", message="MatMul8bitLt")
+
+
+def rtn_quantize_tensor(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Asymmetric round-to-nearest per group of input weights; returns de-quantized float values.
+
+    weight: (out_features, in_features). group_size -1 means one group per output row.
+    """
+    out_features, in_features = weight.shape
+    size = in_features if group_size == -1 else group_size
+    pad = (-in_features) % size
+    w = weight.float()
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))  # padding is sliced off below
+    groups = w.reshape(out_features, -1, size)  # (O, G, S)
+    low = groups.amin(dim=-1, keepdim=True)
+    high = groups.amax(dim=-1, keepdim=True)
+    levels = 2**bits - 1
+    scale = ((high - low) / levels).clamp(min=1e-8)  # (O, G, 1)
+    zero = torch.round(-low / scale)
+    q = torch.clamp(torch.round(groups / scale) + zero, 0, levels)
+    dequant = ((q - zero) * scale).reshape(out_features, -1)[:, :in_features]
+    return dequant.to(weight.dtype)
+
+
+@torch.no_grad()
+def rtn_quantize_(model: nn.Module, bits: int, group_size: int) -> tuple[int, int]:
+    """Fake-quantize every nn.Linear except SKIP_MODULES in place → (layers, packed_bytes)."""
+    layers = 0
+    packed_bits = 0
+    quantized_params = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith(SKIP_MODULES):
+            weight = module.weight
+            module.weight.copy_(rtn_quantize_tensor(weight, bits, group_size))
+            groups = weight.shape[0] * (1 if group_size == -1 else -(-weight.shape[1] // group_size))
+            packed_bits += weight.numel() * bits + groups * 2 * 16  # fp16 scale + zero per group
+            quantized_params += weight.numel()
+            layers += 1
+    other = sum(p.numel() for p in model.parameters()) - quantized_params  # parameters() de-duplicates tied weights
+    return layers, packed_bits // 8 + other * 2  # the rest stored as 16-bit

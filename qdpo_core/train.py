@@ -1,0 +1,301 @@
+"""The trainer: DPO (sigmoid / hinge / IPO, optional NLL and KD terms) or pure KD, with LoRA on the
+frozen quantized model.
+
+Why a loop of our own rather than a library trainer: the reference model here *is* the quantized
+base, so its log-probs are computed once (adapters disabled) and reused every epoch — no second
+model in memory; checkpoints hold everything needed for an exact resume; and every checkpoint is
+scored on held-out token-flip rate / KL to full precision, keeping the best. Training loss says
+nothing about quality here (a too-high learning rate ruins the model while the DPO loss keeps
+falling), so the exported adapter is the best held-out one and never worse than PTQ-only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qdpo_core import checkpoint as ckpt
+from qdpo_core.config import TrainSpec
+from qdpo_core.errors import Cancelled
+from qdpo_core.events import Emitter
+from qdpo_core.losses import dpo_loss, kd_loss, nll_loss
+from qdpo_core.tokens import collate, shifted, token_logps
+
+
+@dataclass
+class TrainResult:
+    best_step: int
+    best_metrics: dict
+    best_dir: Path
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    checkpoint_evals: list[dict]
+    history: list[dict]
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "best_dir": str(self.best_dir)}
+
+
+def make_policy(student, spec: TrainSpec, seed: int):
+    """Wrap the frozen quantized model with fresh LoRA adapters (seeded init)."""
+    from peft import LoraConfig, get_peft_model
+
+    import warnings
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated transformers property
+        return get_peft_model(student, config)
+
+
+class Trainer:
+    def __init__(
+        self,
+        policy,
+        teacher,
+        tokenizer,
+        examples: list[dict],
+        spec: TrainSpec,
+        objective: str,  # "dpo" or "kd"
+        workdir: Path,
+        evaluate: Callable[[object], dict] | None,
+        baseline: dict,  # held-out metrics of the PTQ-only model (step 0)
+        emitter: Emitter,
+        should_cancel: Callable[[], bool] = lambda: False,
+        seed: int = 0,
+    ):
+        self.policy, self.teacher, self.tokenizer = policy, teacher, tokenizer
+        self.examples, self.spec, self.objective = examples, spec, objective
+        self.workdir, self.evaluate, self.baseline = workdir, evaluate, baseline
+        self.emitter, self.should_cancel, self.seed = emitter, should_cancel, seed
+        self.device = next(policy.parameters()).device
+        self.pad_id = tokenizer.pad_token_id
+        self.checkpoints = workdir / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.best_dir = workdir / "best"
+        micro_batches = math.ceil(len(examples) / spec.batch_size)
+        self.steps_per_epoch = math.ceil(micro_batches / spec.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * spec.epochs
+        self.uses_teacher = objective == "kd" or spec.kd_weight > 0
+
+    # ---- data -------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """Micro-batches of example indices; the shuffle depends only on (seed, epoch) so resume sees the same order."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        size = self.spec.batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def reference_logps(self) -> dict[str, list[float]]:
+        """Log-probs of chosen and rejected answers under the frozen quantized model, computed once."""
+        path = self.workdir / "reference_logps.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = {"chosen": [0.0] * len(self.examples), "rejected": [0.0] * len(self.examples)}
+        batches = [list(range(i, min(i + self.spec.batch_size, len(self.examples)))) for i in range(0, len(self.examples), self.spec.batch_size)]
+        self.policy.eval()
+        with torch.no_grad(), self.policy.disable_adapter():
+            for number, indices in enumerate(batches, start=1):
+                for side in ("chosen", "rejected"):
+                    batch = collate([self.examples[i]["prompt_ids"] for i in indices], [self.examples[i][f"{side}_ids"] for i in indices], self.pad_id).to(self.device)
+                    logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                    logps, _ = token_logps(logits, batch)
+                    for i, value in zip(indices, logps.sum(-1).tolist()):
+                        result[side][i] = value
+                self.emitter.progress(number, len(batches), f"reference log-probs {number}/{len(batches)}")
+        self.policy.train()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+        return result
+
+    # ---- one micro-batch --------------------------------------------------------------
+    def batch_loss(self, indices: list[int], reference: dict | None) -> tuple[torch.Tensor, dict]:
+        ex = [self.examples[i] for i in indices]
+        prompts = [e["prompt_ids"] for e in ex]
+        if self.objective == "kd":
+            batch = collate(prompts, [e["chosen_ids"] for e in ex], self.pad_id).to(self.device)
+            logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = self._kd_term(logits, batch)
+            return loss, {"loss": loss.item(), "kd_loss": loss.item()}
+        # Chosen and rejected go through one forward pass: (2B, T).
+        batch = collate(prompts + prompts, [e["chosen_ids"] for e in ex] + [e["rejected_ids"] for e in ex], self.pad_id).to(self.device)
+        logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
+        logps, mask = token_logps(logits, batch)
+        sums, lengths = logps.sum(-1), mask.sum(-1)
+        n = len(ex)
+        ref = torch.tensor([[reference["chosen"][i] for i in indices], [reference["rejected"][i] for i in indices]], device=self.device)
+        policy_c, policy_r, ref_c, ref_r = sums[:n], sums[n:], ref[0], ref[1]
+        if self.spec.loss == "ipo":  # IPO is defined on per-token average log-ratios
+            policy_c, policy_r = policy_c / lengths[:n], policy_r / lengths[n:]
+            ref_c, ref_r = ref_c / lengths[:n], ref_r / lengths[n:]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_c, policy_r, ref_c, ref_r, self.spec.beta, self.spec.loss)
+        loss = losses.mean()
+        stats = {
+            "dpo_loss": loss.item(),
+            "chosen_reward": chosen_rewards.mean().item(),
+            "rejected_reward": rejected_rewards.mean().item(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+        }
+        if self.spec.nll_weight > 0:
+            nll = nll_loss(sums[:n], lengths[:n])
+            loss = loss + self.spec.nll_weight * nll
+            stats["nll_loss"] = nll.item()
+        if self.spec.kd_weight > 0:
+            chosen = collate(prompts, [e["chosen_ids"] for e in ex], self.pad_id).to(self.device)
+            kd = self._kd_term(logits[:n, : chosen.input_ids.shape[1]], chosen)
+            loss = loss + self.spec.kd_weight * kd
+            stats["kd_loss"] = kd.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    def _kd_term(self, student_logits: torch.Tensor, batch) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        student, _, mask = shifted(student_logits, batch)
+        teacher = teacher_logits[:, :-1, :]
+        return kd_loss(student, teacher, mask)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from transformers import get_scheduler
+
+        spec = self.spec
+        reference = self.reference_logps() if self.objective == "dpo" else None
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(spec.warmup_ratio * self.total_steps), num_training_steps=self.total_steps)
+        state = self._initial_state()
+        latest = ckpt.latest_checkpoint(self.checkpoints)
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, self.policy, optimizer, scheduler)
+            self.emitter.log(f"resuming training from checkpoint at step {state['global_step']}", step=state["global_step"])
+        elif not (self.best_dir / "adapter_model.safetensors").is_file():
+            # Step 0 = the PTQ-only model (LoRA B starts at zero): the floor the export never goes below.
+            self.policy.save_pretrained(self.best_dir)
+        self.policy.train()
+        step_times: list[float] = []
+        while not state["finished"]:
+            epoch, position = state["epoch"], state["position"]
+            micro_batches = self.epoch_order(epoch)
+            accumulation = spec.gradient_accumulation_steps
+            while position < len(micro_batches):
+                started = time.monotonic()
+                group = micro_batches[position : position + accumulation]
+                optimizer.zero_grad(set_to_none=True)
+                totals: dict[str, float] = {}
+                for indices in group:
+                    loss, stats = self.batch_loss(indices, reference)
+                    (loss / len(group)).backward()
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + value / len(group)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm) if spec.max_grad_norm > 0 else None
+                optimizer.step()
+                scheduler.step()
+                position += len(group)
+                state["global_step"] += 1
+                state["epoch"], state["position"] = epoch, position
+                step = state["global_step"]
+                step_times.append(time.monotonic() - started)
+                record = {"step": step, "epoch": epoch + position / len(micro_batches), "learning_rate": scheduler.get_last_lr()[0], **totals}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                state["history"].append(record)
+                eta = (sum(step_times[-10:]) / len(step_times[-10:])) * (self.total_steps - step)
+                self.emitter.emit("metrics", f"step {step}/{self.total_steps} loss {record['loss']:.4f}", step=step, total=self.total_steps, eta_seconds=round(eta, 1), **{k: v for k, v in record.items() if k != "step"})
+                epoch_end = position >= len(micro_batches)
+                if epoch_end:
+                    state["epoch"], state["position"] = epoch + 1, 0
+                    state["finished"] = state["epoch"] >= spec.epochs
+                due = epoch_end or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
+                if due:
+                    self._checkpoint(state, optimizer, scheduler)
+                    if state["finished"]:
+                        break
+                if self.should_cancel():
+                    if not due:
+                        self._save(state, optimizer, scheduler)
+                    raise Cancelled(f"cancelled at training step {step}; checkpoint saved")
+                if state["finished"]:
+                    break
+            if state["stopped_early"]:
+                break
+        return TrainResult(
+            best_step=state["best_step"],
+            best_metrics=state["best_metrics"],
+            best_dir=self.best_dir,
+            steps=state["global_step"],
+            total_steps=self.total_steps,
+            stopped_early=state["stopped_early"],
+            checkpoint_evals=state["checkpoint_evals"],
+            history=state["history"],
+        )
+
+    def _initial_state(self) -> dict:
+        return {
+            "global_step": 0,
+            "epoch": 0,
+            "position": 0,
+            "finished": False,
+            "stopped_early": False,
+            "best_step": 0,
+            "best_metrics": dict(self.baseline),
+            "evals_without_improvement": 0,
+            "checkpoint_evals": [],
+            "history": [],
+            "total_steps": self.total_steps,
+        }
+
+    def _save(self, state: dict, optimizer, scheduler) -> Path:
+        return ckpt.save_checkpoint(self.checkpoints, state["global_step"], self.policy, optimizer, scheduler, state)
+
+    def _checkpoint(self, state: dict, optimizer, scheduler) -> None:
+        """Score the current adapter on held-out data, keep it if best, stop early if it keeps losing."""
+        step = state["global_step"]
+        is_best, metrics = False, {}
+        if self.spec.select_best and self.evaluate is not None:
+            metrics = self.evaluate(self.policy)
+            key = self.spec.selection_metric
+            if metrics[key] < state["best_metrics"].get(key, math.inf):
+                is_best = True
+                state["best_step"], state["best_metrics"] = step, metrics
+                state["evals_without_improvement"] = 0
+            else:
+                state["evals_without_improvement"] += 1
+            patience = self.spec.early_stopping_patience
+            if patience and state["evals_without_improvement"] >= patience and not state["finished"]:
+                state["finished"] = state["stopped_early"] = True
+                self.emitter.warn(f"stopping early at step {step}: {key} has not improved for {patience} evaluations (best at step {state['best_step']})")
+            state["checkpoint_evals"].append({"step": step, "metrics": metrics, "is_best": is_best})
+        elif not self.spec.select_best:
+            is_best = True
+            state["best_step"] = step
+        self.policy.train()
+        path = self._save(state, optimizer, scheduler)
+        if is_best:
+            ckpt.copy_adapter(path, self.best_dir)
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.emitter.emit(
+            "checkpoint",
+            f"checkpoint at step {step}" + (f": {summary}" if summary else "") + (" (best so far)" if is_best and metrics else ""),
+            step=step,
+            total=self.total_steps,
+            path=str(path.relative_to(self.workdir.parent)),
+            metrics=metrics,
+            is_best=is_best,
+        )
