@@ -1,0 +1,98 @@
+"""Settings of a qdpo deployment: one class, read from QDPO_* environment variables.
+
+The API, the worker, Alembic (migrations/env.py) and the CLI's server commands all build the same
+`Settings`, so a deployment is configured in exactly one place. With no variables at all the
+embedded defaults apply: a SQLite file, a Celery broker on the filesystem and an artifact
+directory, all under ./var, so `qdpo serve` works on a laptop with nothing installed.
+
+    QDPO_DATABASE_URL=postgresql+psycopg://qdpo:secret@db/qdpo QDPO_BROKER_URL=redis://redis:6379/0 qdpo api
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+QUEUE_NAME = "qdpo.jobs"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QDPO_", env_file=None, extra="ignore")
+
+    # Where the embedded defaults live (SQLite file, filesystem broker, artifacts).
+    var_dir: Path = Field(Path("var"), description="Directory of the embedded defaults (database file, broker folder, artifacts).")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; empty = SQLite file <var_dir>/qdpo.db.")
+    broker_url: str | None = Field(None, description="Celery broker URL (redis://host:6379/0); empty = kombu filesystem broker under <var_dir>/broker.")
+    artifact_dir: Path | None = Field(None, description="Uploaded files and job outputs, shared by API and workers; empty = <var_dir>/artifacts.")
+
+    # Models offered on top of the bundled one, as JSON {"name": "/path/to/hf-dir" or "org/hub-id"}.
+    extra_models: dict[str, str] = Field(default_factory=dict, description='Extra models as JSON, e.g. {"tiny-llama": "/models/tiny"}.')
+    device: str = Field("auto", description="Device the worker trains on: auto, cpu, cuda, cuda:N.")
+
+    # API
+    host: str = Field("127.0.0.1", description="Address `qdpo serve` / `qdpo api` binds to.")
+    port: int = Field(8000, description="Port `qdpo serve` / `qdpo api` listens on.")
+    max_upload_bytes: int = Field(50 * 1024 * 1024, description="Largest accepted dataset file; bigger uploads get 413.")
+    bootstrap_api_key: str | None = Field(None, description="When set, `qdpo serve`/`qdpo api` make sure this key exists for tenant 'default'.")
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    event_stream_poll_seconds: float = Field(0.5, description="How often the SSE event stream polls the database.")
+
+    # Worker and job lifecycle
+    worker_concurrency: int = Field(1, description="Jobs one worker process runs at once (one per GPU).")
+    lease_seconds: float = Field(120.0, description="A running job whose lease is not renewed for this long is taken as dead and re-queued.")
+    heartbeat_seconds: float = Field(20.0, description="How often a worker renews the lease of the job it runs.")
+    cancel_poll_seconds: float = Field(1.0, description="How often a running job checks the database for a cancel request.")
+    max_attempts: int = Field(3, description="Runs of one job (first run + retries after internal errors or lost workers) before it fails.")
+    retry_backoff_seconds: float = Field(10.0, description="Delay before re-running a job after an internal error (doubles each attempt).")
+    visibility_timeout_seconds: int = Field(7 * 24 * 3600, description="Redis broker: an unacknowledged job message is redelivered after this long; keep it longer than any job.")
+
+    # Reconciler (runs inside the API process; `qdpo reconcile` runs one pass by hand)
+    reconcile_interval_seconds: float = Field(30.0, description="Seconds between reconciler passes in the API process; 0 = off.")
+    requeue_after_seconds: float = Field(120.0, description="A job queued this long with no message in the broker is enqueued again.")
+
+    @field_validator("extra_models", mode="before")
+    @classmethod
+    def _parse_models(cls, value):
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError('QDPO_EXTRA_MODELS must be a JSON object of names to model directories, e.g. {"tiny": "/models/tiny"}')
+        return value
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.var_dir / "artifacts").resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'qdpo.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.var_dir / "broker").resolve()
+
+    def register_models(self) -> None:
+        """Make the deployment's extra models known to qdpo_core's registry (API and worker alike)."""
+        from qdpo_core import registry
+
+        for name, source in self.extra_models.items():
+            registry.register_model(name, source, description="registered by this deployment")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

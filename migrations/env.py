@@ -1,0 +1,42 @@
+"""Alembic environment: the database URL comes from the deployment's QDPO_* settings.
+
+`qdpo migrate` (or `alembic upgrade head` in the repository) runs these migrations; a caller may
+pass a URL explicitly through `config.attributes["database_url"]` (the tests do).
+"""
+
+from __future__ import annotations
+
+from alembic import context
+
+from api.core.config import get_settings
+from api.core.db import make_engine
+from api.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def database_url() -> str:
+    return config.attributes.get("database_url") or get_settings().resolved_database_url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(database_url(), pooled=False)
+    with engine.connect() as connection:
+        # render_as_batch lets the same ALTERs run on SQLite, which cannot alter columns in place.
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()
