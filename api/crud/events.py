@@ -1,0 +1,62 @@
+"""A job's event log, training metrics and checkpoints."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from api.core.errors import ApiError
+from api.models import JobCheckpoint, JobEvent, JobMetric
+
+EVENT_PREFIX = "evt_"
+
+
+def event_public_id(pk: int) -> str:
+    return f"{EVENT_PREFIX}{pk}"
+
+
+def parse_event_cursor(after: str | None) -> int:
+    if after is None:
+        return 0
+    digits = after[len(EVENT_PREFIX):] if after.startswith(EVENT_PREFIX) else ""
+    if not digits.isdigit():
+        raise ApiError(422, "invalid_cursor", f"after: {after!r} is not an event id (they look like 'evt_123')", "after")
+    return int(digits)
+
+
+def add_event(session: Session, *, job_pk: int, type: str, stage: str | None, message: str, level: str = "info", step: int | None = None, total: int | None = None, data: dict | None = None) -> None:
+    session.add(JobEvent(job_pk=job_pk, type=type, stage=stage, level=level, message=message, step=step, total=total, data=data or {}))
+
+
+def list_events(session: Session, *, job_pk: int, after_pk: int, limit: int, types: list[str] | None = None) -> tuple[list[JobEvent], bool]:
+    """Oldest first, so a client can follow a job by passing the last id it saw."""
+    query = select(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.pk > after_pk)
+    if types:
+        query = query.where(JobEvent.type.in_(types))
+    rows = list(session.scalars(query.order_by(JobEvent.pk).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def upsert_metric(session: Session, *, job_pk: int, step: int, total_steps: int | None, values: dict) -> None:
+    # A resumed run repeats the steps after its last checkpoint: the new values replace the old.
+    session.execute(delete(JobMetric).where(JobMetric.job_pk == job_pk, JobMetric.step == step))
+    session.add(JobMetric(job_pk=job_pk, step=step, total_steps=total_steps, values=values))
+
+
+def list_metrics(session: Session, *, job_pk: int) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_pk == job_pk).order_by(JobMetric.step)))
+
+
+def upsert_checkpoint(session: Session, *, job_pk: int, step: int, path: str | None, metrics: dict, is_best: bool) -> None:
+    session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk, JobCheckpoint.step == step))
+    session.add(JobCheckpoint(job_pk=job_pk, step=step, path=path, metrics=metrics, is_best=is_best))
+
+
+def mark_selected_checkpoint(session: Session, *, job_pk: int, step: int | None) -> None:
+    """After the run, exactly the checkpoint the export used is the best one."""
+    for checkpoint in session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk)):
+        checkpoint.is_best = step is not None and checkpoint.step == step
+
+
+def list_checkpoints(session: Session, *, job_pk: int) -> list[JobCheckpoint]:
+    return list(session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_pk == job_pk).order_by(JobCheckpoint.step)))

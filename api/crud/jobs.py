@@ -1,0 +1,179 @@
+"""Jobs and their state machine. Every transition is one compare-and-set UPDATE.
+
+    validating ─► queued ─► running ─► succeeded | failed
+        │            │         │  └──► cancelling ─► cancelled
+        └────────────┴─────────┴─────────────────────► cancelled / failed
+
+A transition names the states it accepts (and, for a worker, the lease it holds), so two actors
+racing on one job — a worker and a cancel request, two workers after a redelivery, a worker and
+the reconciler — can never both win: the loser's UPDATE matches no row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from api.crud.pagination import page
+from api.models import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, JobEvent, utcnow
+
+LIVE_STATUSES = (RUNNING, CANCELLING)
+
+
+def add_status_event(session: Session, *, job_pk: int, message: str, level: str = "info", **data) -> None:
+    """A lifecycle event (type "status"), written in the caller's transaction."""
+    session.add(JobEvent(job_pk=job_pk, type="status", stage=None, level=level, message=message, data=data))
+
+
+def create_job(session: Session, *, job: Job) -> Job:
+    session.add(job)
+    session.flush()
+    add_status_event(session, job_pk=job.pk, message="job created; checking its input files")
+    session.commit()
+    return job
+
+
+def find_by_idempotency_key(session: Session, *, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def get_job_by_id(session: Session, *, job_id: str) -> Job | None:
+    """For workers and the reconciler, which act on behalf of the job's own tenant."""
+    return session.scalar(select(Job).where(Job.id == job_id))
+
+
+def list_jobs(session: Session, *, tenant_id: str, status: str | None, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        query = query.where(Job.status == status)
+    return page(session, query=query, model=Job, after=after, limit=limit, tenant_id=tenant_id)
+
+
+def _cas(session: Session, job_pk: int, accept: tuple[str, ...], owner: str | None = None, **values) -> bool:
+    statement = update(Job).where(Job.pk == job_pk, Job.status.in_(accept))
+    if owner is not None:
+        statement = statement.where(Job.lease_owner == owner)
+    result = session.execute(statement.values(updated_at=utcnow(), **values).execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def mark_queued(session: Session, *, job_pk: int, accept: tuple[str, ...] = (VALIDATING,), message: str = "queued", level: str = "info") -> bool:
+    """Move to queued (clearing any lease) and record why; the caller enqueues after commit."""
+    moved = _cas(session, job_pk, accept, status=QUEUED, lease_owner=None, lease_expires_at=None)
+    if moved:
+        add_status_event(session, job_pk=job_pk, message=message, level=level)
+    session.commit()
+    return moved
+
+
+def mark_enqueued(session: Session, *, job_pk: int, task_id: str) -> None:
+    session.execute(update(Job).where(Job.pk == job_pk).values(task_id=task_id, enqueued_at=utcnow()).execution_options(synchronize_session=False))
+    session.commit()
+
+
+def request_cancel(session: Session, *, job: Job) -> str:
+    """Cancel now if nothing runs yet, else flag it for the worker. Returns the resulting status."""
+    if _cas(session, job.pk, (VALIDATING, QUEUED), status=CANCELLED, cancel_requested=True, finished_at=utcnow()):
+        add_status_event(session, job_pk=job.pk, message="cancelled before it started")
+    elif _cas(session, job.pk, (RUNNING,), status=CANCELLING, cancel_requested=True):
+        add_status_event(session, job_pk=job.pk, message="cancel requested; the worker stops at the next step")
+    session.commit()
+    session.refresh(job)
+    return job.status
+
+
+def delete_job(session: Session, *, job: Job) -> None:
+    session.delete(job)
+    session.commit()
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+
+def claim(session: Session, *, job_id: str, owner: str, lease_seconds: float, task_id: str | None) -> Job | None:
+    """queued → running under a lease held by `owner`; also takes over a running job whose lease ran out."""
+    now = utcnow()
+    job = get_job_by_id(session, job_id=job_id)
+    if job is None:
+        return None
+    statement = (
+        update(Job)
+        .where(Job.pk == job.pk)
+        .where((Job.status == QUEUED) | ((Job.status == RUNNING) & (Job.lease_expires_at < now)))
+        .values(status=RUNNING, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds), attempts=Job.attempts + 1, task_id=task_id, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if session.execute(statement).rowcount != 1:
+        session.rollback()
+        return None
+    session.execute(update(Job).where(Job.pk == job.pk, Job.started_at.is_(None)).values(started_at=now).execution_options(synchronize_session=False))
+    session.commit()
+    session.refresh(job)
+    add_status_event(session, job_pk=job.pk, message=f"running (attempt {job.attempts})", worker=owner)
+    session.commit()
+    return job
+
+
+def renew_lease(session: Session, *, job_pk: int, owner: str, lease_seconds: float) -> bool:
+    renewed = _cas(session, job_pk, LIVE_STATUSES, owner=owner, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    session.commit()
+    return renewed
+
+
+def cancel_state(session: Session, *, job_pk: int, owner: str) -> tuple[bool, bool]:
+    """(cancel requested, lease still ours) for the running job."""
+    row = session.execute(select(Job.cancel_requested, Job.lease_owner).where(Job.pk == job_pk)).one_or_none()
+    session.rollback()  # read-only; do not hold a snapshot open between polls
+    if row is None:
+        return True, False  # deleted under us
+    return bool(row.cancel_requested), row.lease_owner == owner
+
+
+def finish(session: Session, *, job_pk: int, owner: str | None, status: str, message: str, level: str = "info", accept: tuple[str, ...] = LIVE_STATUSES, **values) -> bool:
+    """Enter a terminal state (only if the lease is still `owner`'s, when given)."""
+    assert status in TERMINAL_STATUSES
+    done = _cas(session, job_pk, accept, owner=owner, status=status, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, **values)
+    if done:
+        add_status_event(session, job_pk=job_pk, message=message, level=level)
+    session.commit()
+    return done
+
+
+def release(session: Session, *, job_pk: int, owner: str, message: str) -> bool:
+    """running → queued by the worker itself (to retry after an internal error)."""
+    moved = _cas(session, job_pk, (RUNNING,), owner=owner, status=QUEUED, lease_owner=None, lease_expires_at=None)
+    if moved:
+        add_status_event(session, job_pk=job_pk, message=message, level="warning")
+    session.commit()
+    return moved
+
+
+def update_progress(session: Session, *, job_pk: int, owner: str, stage: str | None, progress: dict | None) -> None:
+    values: dict = {"progress": progress}
+    if stage is not None:
+        values["stage"] = stage
+    _cas(session, job_pk, LIVE_STATUSES, owner=owner, **values)
+    session.commit()
+
+
+# --- reconciler side ---------------------------------------------------------------------------
+
+
+def expired_leases(session: Session, *, now: datetime) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.status.in_(LIVE_STATUSES), Job.lease_expires_at < now)))
+
+
+def stale_validating(session: Session, *, before: datetime) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.status == VALIDATING, Job.created_at < before)))
+
+
+def waiting_since(session: Session, *, before: datetime) -> list[Job]:
+    """Queued jobs last handed to the broker before `before` (or never)."""
+    query = select(Job).where(Job.status == QUEUED, (Job.enqueued_at < before) | Job.enqueued_at.is_(None))
+    return list(session.scalars(query.order_by(Job.pk)))

@@ -1,0 +1,141 @@
+"""Translate between the API's job shape and qdpo_core's PipelineSpec.
+
+The API speaks in `method.hyperparameters.beta` and `dataset.file_id`; the pipeline speaks in
+`train.beta` and `dataset.prompts` (a path). Building the spec here, before anything is stored,
+means a job the pipeline would reject never reaches the database or a worker, and the error
+names the field the way the client wrote it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from api import models
+from api.core.errors import ApiError
+from api.schemas.jobs import AdapterInfo, JobCreate, JobPublic, Progress
+from qdpo_core import registry
+from qdpo_core.config import PipelineSpec
+from qdpo_core.errors import SpecError
+
+# Which dataset field of the pipeline a job's uploaded file feeds, by method.
+PREFERENCES_METHODS = ("dpo",)
+
+_PREFIXES = (("train.", "method.hyperparameters."), ("rlaif.", "method.rlaif."), ("factuality.", "method.factuality."))
+_RENAMES = {"method": "method.type", "model.name": "model", "dataset.prompts": "dataset.file_id", "dataset.pairs": "dataset.file_id", "dataset.eval_prompts": "dataset.eval_file_id"}
+
+
+def api_param(spec_param: str | None) -> str | None:
+    """`train.beta` -> `method.hyperparameters.beta`: pipeline field names as the client wrote them."""
+    if spec_param is None:
+        return None
+    if spec_param in _RENAMES:
+        return _RENAMES[spec_param]
+    if spec_param.startswith("model."):
+        return "model"
+    for old, new in _PREFIXES:
+        if spec_param.startswith(old):
+            return new + spec_param[len(old):]
+    return spec_param
+
+
+def api_message(message: str, spec_param: str | None) -> str:
+    """Rewrite the leading `train.beta:` of a pipeline message to the API's field name."""
+    param = api_param(spec_param)
+    if spec_param and param and message.startswith(spec_param):
+        return param + message[len(spec_param):]
+    return re.sub(r"^train\.", "method.hyperparameters.", message)
+
+
+def to_api_error(exc: SpecError) -> ApiError:
+    return ApiError(422, exc.code, api_message(exc.message, exc.param), api_param(exc.param))
+
+
+def expected_purpose(method: str) -> str:
+    return "preferences" if method in PREFERENCES_METHODS else "prompts"
+
+
+def check_model(name: str) -> None:
+    # Only registered names: a client must not make a worker read arbitrary server paths or the hub.
+    if registry.lookup(name) is None:
+        offered = ", ".join(m.name for m in registry.registered_models())
+        raise ApiError(422, "model_not_available", f"model: {name!r} is not offered by this deployment; use one of: {offered} (GET /v1/models)", "model")
+
+
+def build_spec(request: JobCreate) -> tuple[dict, dict]:
+    """Validate a creation request into (normalised PipelineSpec dict, {dataset field: file id})."""
+    check_model(request.model)
+    method = request.method.type if request.method else "qdpo"
+    dataset = request.dataset.given() if request.dataset else {}
+    inputs: dict[str, str] = {}
+    if file_id := dataset.pop("file_id", None):
+        inputs["pairs" if expected_purpose(method) == "preferences" else "prompts"] = file_id
+    if eval_file_id := dataset.pop("eval_file_id", None):
+        inputs["eval_prompts"] = eval_file_id
+    raw: dict = {"method": method, "model": {"name": request.model}, "dataset": {**dataset, **inputs}}
+    for section, value in (("quantization", request.quantization), ("generation", request.generation), ("eval", request.eval)):
+        if value is not None:
+            raw[section] = value.given()
+    if request.method is not None:
+        for section, value in (("train", request.method.hyperparameters), ("rlaif", request.method.rlaif), ("factuality", request.method.factuality)):
+            if value is not None:
+                raw[section] = value.given()
+        for other in ("rlaif", "factuality"):
+            if getattr(request.method, other) is not None and method != other:
+                raise ApiError(422, "invalid_spec", f"method.{other}: settings for method '{other}' were given but method.type is {method!r}", f"method.{other}")
+    if request.seed is not None:
+        raw["seed"] = request.seed
+    try:
+        spec = PipelineSpec.from_dict(raw).to_dict()
+    except SpecError as exc:
+        raise to_api_error(exc) from exc
+    except (TypeError, ValueError) as exc:  # a value of the right JSON type but unusable (e.g. a comparison failed)
+        raise ApiError(422, "invalid_spec", f"the job settings are invalid: {exc}", None) from exc
+    return spec, inputs
+
+
+def _epoch(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def fine_tuned_model_name(job: models.Job) -> str:
+    quant = job.spec["quantization"]
+    bits = f"{quant['bits']}bit" if quant["method"] == "rtn" else ""
+    parts = [job.model, f"{job.method}-{quant['method']}{bits}"] + ([job.suffix] if job.suffix else []) + [job.id]
+    return ":".join(parts)
+
+
+def job_public(job: models.Job) -> JobPublic:
+    spec = job.spec
+    dataset = {k: v for k, v in spec["dataset"].items() if k not in ("prompts", "pairs", "eval_prompts")}
+    dataset["file_id"] = job.inputs.get("prompts") or job.inputs.get("pairs")
+    dataset["eval_file_id"] = job.inputs.get("eval_prompts")
+    method = {"type": spec["method"], "hyperparameters": spec["train"]}
+    if spec["method"] in ("rlaif", "factuality"):
+        method[spec["method"]] = spec[spec["method"]]
+    adapter = None
+    if job.status == models.SUCCEEDED and job.adapter_sha256:
+        adapter = AdapterInfo(bytes=job.adapter_bytes or 0, sha256=job.adapter_sha256, url=f"/v1/jobs/{job.id}/adapter")
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        model=job.model,
+        quantization=spec["quantization"],
+        dataset=dataset,
+        method=method,
+        generation=spec["generation"],
+        eval=spec["eval"],
+        seed=spec["seed"],
+        suffix=job.suffix,
+        metadata=job.metadata_ or {},
+        progress=Progress(**job.progress) if job.progress else None,
+        error=job.error,
+        fine_tuned_model=job.fine_tuned_model,
+        adapter=adapter,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        created_at=_epoch(job.created_at),
+        started_at=_epoch(job.started_at),
+        finished_at=_epoch(job.finished_at),
+    )

@@ -1,0 +1,90 @@
+"""The FastAPI application. `uvicorn api.main:app` serves it; tests call `create_app(settings)`.
+
+Importing this module loads no torch and opens no connection: the database engine, the broker
+connection and the reconciler start with the application's lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from api import metrics
+from api.core.config import Settings, get_settings
+from api.core.db import session_factory
+from api.core.errors import install_error_handlers
+from api.core.limits import BodySizeLimitMiddleware
+from api.queue import JobQueue
+from api.reconciler import ReconcilerThread
+from api.routes import api_router, health
+from api.storage import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Alignment-as-a-service for quantized LLMs. Upload prompts or preference pairs, create a job
+(base model, quantization, method: qdpo | dpo | kd | …), follow its events and metrics, then
+download the trained LoRA adapter and its before/after evaluation report.
+
+Authenticate with `Authorization: Bearer <key>` (keys: `qdpo keys create --tenant NAME`).
+Errors always look like `{"error": {"code", "message", "param"}}`; `param` names the field at fault.
+"""
+
+TAGS = [
+    {"name": "files", "description": "Dataset files (JSONL), validated line by line on upload."},
+    {"name": "jobs", "description": "Alignment jobs and their lifecycle."},
+    {"name": "job outputs", "description": "Events, metrics, checkpoints, report and adapter of a job."},
+    {"name": "models", "description": "Base models this deployment offers."},
+    {"name": "health", "description": "Probes for orchestrators."},
+]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.register_models()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        reconciler = None
+        if settings.reconcile_interval_seconds > 0:
+            reconciler = ReconcilerThread(settings, app.state.queue, settings.reconcile_interval_seconds)
+            reconciler.start()
+        yield
+        if reconciler is not None:
+            reconciler.stop()
+
+    app = FastAPI(title="qdpo", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings.resolved_database_url)
+    app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+    app.state.queue = JobQueue(settings)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    app.include_router(health.router)
+    app.include_router(api_router)
+    if settings.metrics_enabled:
+        _add_metrics(app)
+    return app
+
+
+def _add_metrics(app: FastAPI) -> None:
+    app.add_middleware(metrics.MetricsMiddleware)
+    job_registry = CollectorRegistry(auto_describe=False)
+    job_registry.register(metrics.JobStatusCollector(app.state.sessions))
+
+    @app.get("/metrics", tags=["health"], include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.REGISTRY) + generate_latest(job_registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def __getattr__(name: str):
+    # `uvicorn api.main:app`: built on first access so that importing the module has no side effects.
+    if name == "app":
+        globals()["app"] = application = create_app()
+        return application
+    raise AttributeError(name)

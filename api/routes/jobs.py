@@ -1,0 +1,117 @@
+"""/v1/jobs: create, list, get, cancel and delete alignment jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.exc import IntegrityError
+
+from api import metrics
+from api.core.errors import ApiError, not_found
+from api.core.security import new_id
+from api.crud import files as files_crud
+from api.crud import jobs as jobs_crud
+from api.deps import CurrentTenant, QueueDep, SessionDep, StoreDep
+from api.dispatch import validate_and_queue
+from api.jobspec import build_spec, expected_purpose, job_public
+from api.models import TERMINAL_STATUSES, VALIDATING, Job
+from api.schemas.common import Deleted, Page, error_responses
+from api.schemas.jobs import JobCreate, JobPublic, JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def get_tenant_job(session, tenant, job_id: str) -> Job:
+    job = jobs_crud.get_job(session, tenant_id=tenant.id, job_id=job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def _check_inputs(session, tenant_id: str, method: str, inputs: dict) -> None:
+    """Every referenced file exists for this tenant and has the purpose its role needs."""
+    for field, file_id in inputs.items():
+        param = "dataset.eval_file_id" if field == "eval_prompts" else "dataset.file_id"
+        record = files_crud.get_file(session, tenant_id=tenant_id, file_id=file_id)
+        if record is None:
+            raise ApiError(404, "file_not_found", f"{param}: no file with id {file_id!r}; upload one with POST /v1/files", param)
+        wanted = "prompts" if field == "eval_prompts" else expected_purpose(method)
+        if record.purpose != wanted:
+            role = "evaluation prompts" if field == "eval_prompts" else f"method {method!r}"
+            raise ApiError(422, "wrong_file_purpose", f"{param}: {file_id} is a {record.purpose} file but {role} needs a {wanted} file", param)
+
+
+@router.post("", status_code=201, response_model=JobPublic, responses=error_responses(401, 404, 422))
+def create_job(
+    body: JobCreate,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    store: StoreDep,
+    queue: QueueDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255, description="Retrying with the same key returns the job created the first time instead of a second one.")] = None,
+) -> JobPublic:
+    """Create a job; it is validated completely, stored, and only then queued."""
+    if idempotency_key and (earlier := jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key)):
+        response.status_code = 200
+        return job_public(earlier)
+    spec, inputs = build_spec(body)
+    _check_inputs(session, tenant.id, spec["method"], inputs)
+    job = Job(
+        id=new_id("job"), tenant_id=tenant.id, status=VALIDATING, model=body.model, method=spec["method"], spec=spec, inputs=inputs,
+        request=body.model_dump(exclude_none=True), suffix=body.suffix, metadata_=body.metadata or {}, idempotency_key=idempotency_key,
+    )
+    try:
+        jobs_crud.create_job(session, job=job)
+    except IntegrityError:  # the same idempotency key raced in from a parallel retry
+        session.rollback()
+        earlier = jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key or "")
+        if earlier is None:
+            raise
+        response.status_code = 200
+        return job_public(earlier)
+    validate_and_queue(session, store=store, queue=queue, job=job)
+    metrics.JOBS_CREATED.labels(method=job.method).inc()
+    return job_public(job)
+
+
+@router.get("", response_model=Page[JobPublic], responses=error_responses(401, 422))
+def list_jobs(
+    tenant: CurrentTenant,
+    session: SessionDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    after: Annotated[str | None, Query(description="Cursor: the last id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[JobPublic]:
+    """List your jobs, newest first."""
+    jobs, has_more = jobs_crud.list_jobs(session, tenant_id=tenant.id, status=status, after=after, limit=limit)
+    return Page[JobPublic](data=[job_public(j) for j in jobs], has_more=has_more, next_cursor=jobs[-1].id if has_more else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
+def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    """Get a job: status, stage, progress with ETA, error, result."""
+    return job_public(get_tenant_job(session, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409))
+def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    """Cancel a job: at once if it has not started, else at the worker's next step (status cancelling)."""
+    job = get_tenant_job(session, tenant, job_id)
+    if job.status in ("succeeded", "failed"):
+        raise ApiError(409, "job_finished", f"job_id: {job_id} already {job.status}; there is nothing to cancel", "job_id")
+    jobs_crud.request_cancel(session, job=job)
+    return job_public(job)
+
+
+@router.delete("/{job_id}", response_model=Deleted, responses=error_responses(401, 404, 409))
+def delete_job(job_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep) -> Deleted:
+    """Delete a finished job with its events, checkpoints and artifacts."""
+    job = get_tenant_job(session, tenant, job_id)
+    if job.status not in TERMINAL_STATUSES:
+        raise ApiError(409, "job_not_finished", f"job_id: {job_id} is {job.status}; cancel it first, then delete it", "job_id")
+    relative = store.job_relpath(job.tenant_id, job.id)
+    jobs_crud.delete_job(session, job=job)
+    store.delete(relative)
+    return Deleted(id=job_id, object="job")
