@@ -1,0 +1,154 @@
+"""Run one job end to end: claim it, run the pipeline, persist what it produces.
+
+    claim (queued → running, lease) → build the spec from the row → run_pipeline(spec, workdir,
+    on_event=recorder, should_cancel=lease) → archive the export → succeeded | failed | cancelled
+
+The work directory lives in the shared artifact store and the pipeline resumes from it, so a
+job that is run again (after a retry or a lost worker) continues where the last run stopped.
+torch is imported here only when a job actually runs, never when the module is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+
+from api.core.config import Settings
+from api.core.db import session_factory
+from api.crud import events as events_crud
+from api.crud import files as files_crud
+from api.crud import jobs as jobs_crud
+from api.jobspec import api_message, api_param, fine_tuned_model_name
+from api.models import CANCELLED, FAILED, SUCCEEDED, Job
+from api.storage import ArtifactStore
+from qdpo_core.config import PipelineSpec
+from qdpo_core.errors import Cancelled, DataError, QdpoError
+from worker.archive import build_archive
+from worker.lease import Lease
+from worker.recorder import EventRecorder
+
+log = logging.getLogger(__name__)
+
+# The block list: errors that would happen again on a retry. Everything else is retried.
+NOT_RETRIED = (QdpoError, MemoryError)
+
+
+@dataclass
+class RetryLater(Exception):
+    countdown: float
+
+
+def user_error(exc: QdpoError) -> dict:
+    """The pipeline's error with field names as the API client knows them."""
+    error = exc.to_dict()
+    error["message"] = api_message(exc.message, exc.param)
+    error["param"] = api_param(exc.param)
+    return error
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def out_of_memory_error(exc: BaseException) -> dict:
+    return {"code": "out_of_memory", "message": f"the worker ran out of memory ({type(exc).__name__}); lower method.hyperparameters.batch_size, generation.batch_size or eval.batch_size, or use a smaller model", "param": "method.hyperparameters.batch_size"}
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, job_id: str, task_id: str | None):
+        self.settings, self.job_id, self.task_id = settings, job_id, task_id
+        self.url = settings.resolved_database_url
+        self.sessions = session_factory(self.url)
+        self.store = ArtifactStore(settings.resolved_artifact_dir)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{(task_id or 'manual')[:8]}"
+
+    def run(self) -> str:
+        """Returns what happened: skipped, succeeded, failed, cancelled or lost."""
+        self.settings.register_models()
+        with self.sessions() as session:
+            job = jobs_crud.claim(session, job_id=self.job_id, owner=self.owner, lease_seconds=self.settings.lease_seconds, task_id=self.task_id)
+        if job is None:
+            log.info("job %s is not claimable (finished, cancelled, deleted or running elsewhere); message dropped", self.job_id)
+            return "skipped"
+        if job.cancel_requested:
+            return self._finish(job, CANCELLED, "cancelled before it started")
+        try:
+            spec = self._spec(job)
+        except QdpoError as exc:
+            return self._finish(job, FAILED, user_error(exc)["message"], error=user_error(exc))
+        with Lease(self.url, job.pk, self.owner, self.settings.lease_seconds, self.settings.heartbeat_seconds, self.settings.cancel_poll_seconds) as lease:
+            return self._execute(job, spec, lease)
+
+    def _execute(self, job: Job, spec: PipelineSpec, lease: Lease) -> str:
+        from qdpo_core.pipeline import run_pipeline  # torch arrives with the first job, not at import
+
+        workdir = self.store.workdir(job.tenant_id, job.id)
+        workdir.mkdir(parents=True, exist_ok=True)
+        recorder = EventRecorder(self.url, job.pk, self.owner)
+        try:
+            result = run_pipeline(spec, workdir, on_event=recorder, should_cancel=lease.should_stop)
+        except Cancelled:
+            if lease.lost.is_set():
+                return "lost"
+            return self._finish(job, CANCELLED, "cancelled; the work finished so far is kept until the job is deleted")
+        except Exception as exc:  # KeyboardInterrupt / SystemExit pass: the lease expires, the job resumes elsewhere
+            return self._failed(job, exc)
+        return self._succeeded(job, result)
+
+    def _spec(self, job: Job) -> PipelineSpec:
+        spec = {key: (dict(value) if isinstance(value, dict) else value) for key, value in job.spec.items()}
+        with self.sessions() as session:
+            for field, file_id in (job.inputs or {}).items():
+                record = files_crud.get_file(session, tenant_id=job.tenant_id, file_id=file_id)
+                if record is None:
+                    raise DataError(f"dataset.{field}: file {file_id} was deleted before the job ran", param=f"dataset.{field}")
+                spec["dataset"][field] = str(self.store.absolute(record.path))
+        if self.settings.device != "auto":
+            spec["model"] = {**spec["model"], "device": self.settings.device}
+        return PipelineSpec.from_dict(spec)
+
+    def _failed(self, job: Job, exc: Exception) -> str:
+        if isinstance(exc, QdpoError):
+            log.info("job %s failed: %s", job.id, exc)
+            error = user_error(exc)
+            return self._finish(job, FAILED, error["message"], error=error)
+        if _is_out_of_memory(exc):
+            error = out_of_memory_error(exc)
+            return self._finish(job, FAILED, error["message"], error=error)
+        log.exception("job %s: internal error in attempt %s", job.id, job.attempts)
+        if job.attempts < self.settings.max_attempts:
+            countdown = self.settings.retry_backoff_seconds * 2 ** (job.attempts - 1)
+            with self.sessions() as session:
+                released = jobs_crud.release(session, job_pk=job.pk, owner=self.owner, message=f"attempt {job.attempts} failed ({type(exc).__name__}: {exc}); retrying in {countdown:.0f} s from the last checkpoint")
+            if released:
+                raise RetryLater(countdown)
+            return "lost"
+        error = {"code": "internal_error", "message": f"the job failed {job.attempts} times; last error: {type(exc).__name__}: {exc}"[:2000], "param": None}
+        return self._finish(job, FAILED, error["message"], error=error)
+
+    def _succeeded(self, job: Job, result) -> str:
+        job_dir = self.store.job_dir(job.tenant_id, job.id)
+        size, sha256 = build_archive(result.export_dir, job_dir / "adapter.tar.gz")
+        report_md = result.export_dir / "report.md"
+        if report_md.is_file():
+            shutil.copyfile(report_md, job_dir / "report.md")
+        relative = f"{self.store.job_relpath(job.tenant_id, job.id)}/adapter.tar.gz"
+        with self.sessions() as session:
+            events_crud.mark_selected_checkpoint(session, job_pk=job.pk, step=(result.report or {}).get("selected_checkpoint"))
+            session.commit()
+        return self._finish(
+            job, SUCCEEDED, f"succeeded; adapter {size:,} bytes, sha256 {sha256[:12]}…",
+            report=result.report, adapter_path=relative, adapter_sha256=sha256, adapter_bytes=size, fine_tuned_model=fine_tuned_model_name(job),
+        )
+
+    def _finish(self, job: Job, status: str, message: str, **values) -> str:
+        level = "error" if status == FAILED else "info"
+        with self.sessions() as session:
+            done = jobs_crud.finish(session, job_pk=job.pk, owner=self.owner, status=status, message=message, level=level, **values)
+        if not done:
+            log.warning("job %s changed hands before it could be marked %s", job.id, status)
+            return "lost"
+        return status
