@@ -85,7 +85,8 @@ def disable_cpu_weight_packing(model: nn.Module) -> int:
     On CPUs with AVX512-BF16, an eval-mode forward repacks 4-bit weights into a bf16 layout served
     by `gemv_4bit`, which has no autograd kernel: after any evaluation or generation, LoRA gradients
     through those layers would be silently wrong, and the quantized model's numbers would differ
-    from the ones training sees. We turn the repacking off and undo it where it already happened.
+    from the ones training sees. We turn the repacking off before the first forward pass (and undo
+    a repacking that already happened, which restores the autograd path; its bf16 scales stay).
     """
     import bitsandbytes as bnb
     from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse

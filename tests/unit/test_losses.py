@@ -1,0 +1,59 @@
+"""DPO / KD / NLL losses against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from qdpo_core.losses import dpo_loss, kd_loss, nll_loss
+
+
+def _pair():
+    # Δ = (−10 − −12) − (−20 − −19) = 2 − (−1) = 3
+    return torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-19.0])
+
+
+def test_sigmoid_loss_matches_hand_value():
+    losses, chosen, rejected = dpo_loss(*_pair(), beta=0.1, kind="sigmoid")
+    assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.3))), rel=1e-6)
+    assert chosen.item() == pytest.approx(0.2)  # β (−10 − −12)
+    assert rejected.item() == pytest.approx(-0.1)  # β (−20 − −19)
+
+
+def test_hinge_loss_matches_hand_value_and_saturates():
+    losses, _, _ = dpo_loss(*_pair(), beta=0.1, kind="hinge")
+    assert losses.item() == pytest.approx(1 - 0.3)
+    losses, _, _ = dpo_loss(*_pair(), beta=1.0, kind="hinge")
+    assert losses.item() == 0.0  # βΔ = 3 > 1
+
+
+def test_ipo_loss_matches_hand_value():
+    losses, _, _ = dpo_loss(*_pair(), beta=0.25, kind="ipo")
+    assert losses.item() == pytest.approx((3 - 1 / 0.5) ** 2)
+
+
+def test_sigmoid_loss_at_reference_is_log2_and_gradient_prefers_chosen():
+    chosen = torch.tensor([-5.0], requires_grad=True)
+    rejected = torch.tensor([-6.0], requires_grad=True)
+    losses, _, _ = dpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), beta=0.1)
+    assert losses.item() == pytest.approx(math.log(2))
+    losses.sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises chosen, lowers rejected
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ValueError, match="sigmoid, hinge or ipo"):
+        dpo_loss(*_pair(), kind="softmax")
+
+
+def test_kd_loss_is_masked_mean_of_kl():
+    teacher = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))  # (1, 2, 2)
+    student = torch.log(torch.tensor([[[0.9, 0.1], [0.9, 0.1]]]))
+    kl_first = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kd_loss(student, teacher, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(kl_first, rel=1e-5)
+    assert kd_loss(student, teacher, torch.tensor([[1.0, 1.0]])).item() == pytest.approx(kl_first / 2, rel=1e-5)
+    assert kd_loss(teacher, teacher, torch.tensor([[1.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_nll_is_per_token():
+    assert nll_loss(torch.tensor([-6.0, -4.0]), torch.tensor([3.0, 2.0])).item() == pytest.approx(2.0)
