@@ -21,8 +21,9 @@ PROGRESS_INTERVAL_S = 0.5
 
 
 class EventRecorder:
-    def __init__(self, database_url: str, job_pk: int, owner: str):
+    def __init__(self, database_url: str, job_pk: int, owner: str, workdir: str | None = None):
         self.database_url = database_url
+        self.workdir = workdir
         self.job_pk = job_pk
         self.owner = owner
         self.stage: str | None = None
@@ -40,8 +41,9 @@ class EventRecorder:
         if event.type == "progress":
             self._progress(event)
             return
+        message = event.message.replace(self.workdir, "<workdir>") if self.workdir else event.message  # server paths are not the client's business
         with session_scope(self.database_url) as session:
-            events_crud.add_event(session, job_pk=self.job_pk, type=event.type, stage=event.stage, message=event.message, level=event.level, step=event.step, total=event.total, data=_jsonable(event.data))
+            events_crud.add_event(session, job_pk=self.job_pk, type=event.type, stage=event.stage, message=message, level=event.level, step=event.step, total=event.total, data=_jsonable(event.data))
             if event.type == "metrics" and event.step is not None:
                 events_crud.upsert_metric(session, job_pk=self.job_pk, step=event.step, total_steps=event.total, values=_jsonable(event.data))
             elif event.type == "checkpoint" and event.step is not None:

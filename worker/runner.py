@@ -87,7 +87,7 @@ class JobRunner:
 
         workdir = self.store.workdir(job.tenant_id, job.id)
         workdir.mkdir(parents=True, exist_ok=True)
-        recorder = EventRecorder(self.url, job.pk, self.owner)
+        recorder = EventRecorder(self.url, job.pk, self.owner, str(workdir))
         try:
             result = run_pipeline(spec, workdir, on_event=recorder, should_cancel=lease.should_stop)
         except Cancelled:

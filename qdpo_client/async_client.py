@@ -1,0 +1,154 @@
+"""Asynchronous client: the same resources and methods as `Client`, awaited.
+
+    async with AsyncClient("http://localhost:8000", api_key=KEY) as c:
+        job = await c.jobs.create(method={"type": "qdpo"}, quantization={"method": "nf4"})
+        async for event in c.jobs.stream_events(job.id):
+            print(event.message)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params
+from qdpo_client._http import AsyncHTTP, client_options, raise_for_error
+from qdpo_client.errors import JobCancelled, JobFailed
+from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page
+
+
+class AsyncFiles:
+    def __init__(self, http: AsyncHTTP):
+        self._http = http
+
+    async def upload(self, path: str | Path, purpose: str) -> File:
+        path = Path(path)
+        files = {"file": (path.name, path.read_bytes(), "application/jsonl")}
+        return File.model_validate(await self._http.json("POST", "/v1/files", data={"purpose": purpose}, files=files, retries=0))
+
+    async def list(self, *, purpose: str | None = None, after: str | None = None, limit: int | None = None) -> Page[File]:
+        return Page[File].model_validate(await self._http.json("GET", "/v1/files", params=page_params(purpose=purpose, after=after, limit=limit)))
+
+    async def get(self, file_id: str) -> File:
+        return File.model_validate(await self._http.json("GET", f"/v1/files/{file_id}"))
+
+    async def delete(self, file_id: str) -> dict:
+        return await self._http.json("DELETE", f"/v1/files/{file_id}")
+
+
+class AsyncJobs:
+    def __init__(self, http: AsyncHTTP):
+        self._http = http
+
+    async def create(self, model: str = "smollm2-135m-instruct", *, quantization: dict | None = None, dataset: dict | None = None, method: dict | None = None,
+                     generation: dict | None = None, eval: dict | None = None, seed: int | None = None, suffix: str | None = None,
+                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> Job:
+        body = job_body(model, quantization=quantization, dataset=dataset, method=method, generation=generation, eval=eval, seed=seed, suffix=suffix, metadata=metadata)
+        return Job.model_validate(await self._http.json("POST", "/v1/jobs", json=body, headers=idempotency_headers(idempotency_key)))
+
+    async def list(self, *, status: str | None = None, after: str | None = None, limit: int | None = None) -> Page[Job]:
+        return Page[Job].model_validate(await self._http.json("GET", "/v1/jobs", params=page_params(status=status, after=after, limit=limit)))
+
+    async def get(self, job_id: str) -> Job:
+        return Job.model_validate(await self._http.json("GET", f"/v1/jobs/{job_id}"))
+
+    async def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(await self._http.json("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    async def delete(self, job_id: str) -> dict:
+        return await self._http.json("DELETE", f"/v1/jobs/{job_id}")
+
+    async def events(self, job_id: str, *, after: str | None = None, limit: int | None = None) -> Page[Event]:
+        return Page[Event].model_validate(await self._http.json("GET", f"/v1/jobs/{job_id}/events", params=page_params(after=after, limit=limit)))
+
+    async def stream_events(self, job_id: str, *, after: str | None = None) -> AsyncIterator[Event]:
+        params = page_params(after=after, stream="true")
+        async with self._http.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params, headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(60.0, read=None)) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise_for_error(response)
+            parser = SSEParser()
+            async for line in response.aiter_lines():
+                message = parser.feed(line)
+                if message is None:
+                    continue
+                name, data, _ = message
+                if name == "end":
+                    return
+                yield Event.model_validate(json.loads(data))
+
+    async def metrics(self, job_id: str) -> list[Metric]:
+        return [Metric.model_validate(m) for m in (await self._http.json("GET", f"/v1/jobs/{job_id}/metrics"))["data"]]
+
+    async def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return [Checkpoint.model_validate(c) for c in (await self._http.json("GET", f"/v1/jobs/{job_id}/checkpoints"))["data"]]
+
+    async def report(self, job_id: str) -> Any:
+        return await self._http.json("GET", f"/v1/jobs/{job_id}/report")
+
+    async def wait(self, job_id: str, *, poll_interval: float = 2.0, timeout: float | None = None, on_update: Callable[[Job], None] | None = None) -> Job:
+        """Poll until the job ends; returns it when it succeeded, raises JobFailed / JobCancelled / TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.get(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job.done:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
+            await asyncio.sleep(poll_interval)
+        if job.status == "failed":
+            raise JobFailed(job)
+        if job.status == "cancelled":
+            raise JobCancelled(job)
+        return job
+
+    async def download_adapter(self, job_id: str, dest: str | Path = ".", *, extract: bool = True) -> Path:
+        job = await self.get(job_id)
+        dest = Path(dest)
+        writer = HashingWriter(dest / f"{job_id}-adapter.tar.gz")
+        try:
+            async with self._http.http.stream("GET", f"/v1/jobs/{job_id}/adapter") as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise_for_error(response)
+                expected = expected_sha256(response.headers, job.adapter.sha256 if job.adapter else None)
+                size = int(response.headers["content-length"]) if "content-length" in response.headers else None
+                async for chunk in response.aiter_bytes():
+                    writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        archive = writer.finish(expected, size)
+        return extract_and_verify(archive, dest / job_id) if extract else archive
+
+
+class AsyncModels:
+    def __init__(self, http: AsyncHTTP):
+        self._http = http
+
+    async def list(self) -> list[Model]:
+        return [Model.model_validate(m) for m in (await self._http.json("GET", "/v1/models"))["data"]]
+
+
+class AsyncClient:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0, max_retries: int = 3, http_client: httpx.AsyncClient | None = None):
+        self.http = http_client or httpx.AsyncClient(**client_options(base_url, api_key, timeout))
+        transport = AsyncHTTP(self.http, max_retries)
+        self.files, self.jobs, self.models = AsyncFiles(transport), AsyncJobs(transport), AsyncModels(transport)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        await self.aclose()

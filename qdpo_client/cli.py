@@ -1,0 +1,56 @@
+"""The `qdpo` command.
+
+    qdpo run …                      run a pipeline locally, no service (qdpo_core's command line)
+    qdpo serve                      embedded service: SQLite, filesystem broker, one worker, the API
+    qdpo api | worker | migrate | reconcile | keys create --tenant NAME     production pieces
+    qdpo files upload prompts.jsonl --purpose prompts
+    qdpo jobs create --quantization rtn --bits 3 --hp beta=0.1 --wait
+    qdpo jobs events JOB --follow ; qdpo jobs download JOB --dir out/
+
+Client commands read QDPO_BASE_URL and QDPO_API_KEY (or --base-url / --api-key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qdpo_client import cli_client, cli_server
+from qdpo_client.errors import APIError, QdpoClientError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdpo", description="Alignment-as-a-service for quantized LLMs.")
+    parser.add_argument("--base-url", help="service URL (default QDPO_BASE_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="API key (default QDPO_API_KEY, or var/api_key of a local `qdpo serve`)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    sub.add_parser("run", help="run a pipeline locally without the service (see `qdpo run --help`)")
+    cli_server.add_parsers(sub)
+    cli_client.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from qdpo_core.cli import main as run_main  # torch and friends load only for local runs
+
+        return run_main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except APIError as exc:
+        where = f" (field: {exc.param})" if exc.param else ""
+        print(f"error: {exc.code}: {exc.message}{where}", file=sys.stderr)
+        for line in exc.lines[:20]:
+            print(f"  line {line.get('line')}: {line.get('field') or ''} {line.get('message')}", file=sys.stderr)
+        return 1
+    except QdpoClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Server-side commands of `qdpo`: serve, api, worker, migrate, reconcile, keys.
+
+They read the deployment's QDPO_* settings and import the API / worker code only when run, so the
+client commands stay light. `qdpo serve` is the embedded, zero-configuration service: it applies
+the migrations, makes sure an API key exists (printing it), starts one worker process and serves
+the API in the foreground until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+WORKER_STOP_GRACE_S = 10
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="embedded service: migrate, API key, one worker process, API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--no-worker", action="store_true", help="serve the API only")
+    serve.set_defaults(handler=cmd_serve)
+    api = sub.add_parser("api", help="serve the REST API only (production: run `qdpo migrate` first)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(handler=cmd_api)
+    worker = sub.add_parser("worker", help="run a Celery worker for jobs")
+    worker.add_argument("--concurrency", type=int, help="jobs at once (default QDPO_WORKER_CONCURRENCY)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--hostname", help="Celery node name (default qdpo@<host>)")
+    worker.set_defaults(handler=cmd_worker)
+    sub.add_parser("migrate", help="apply the database migrations").set_defaults(handler=cmd_migrate)
+    sub.add_parser("reconcile", help="one reconciler pass: re-enqueue lost jobs, recover expired leases").set_defaults(handler=cmd_reconcile)
+    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key for a tenant (created if new); prints it once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="a label for the key")
+    create.set_defaults(handler=cmd_keys_create)
+    listing = keys.add_parser("list", help="list keys (prefixes only)")
+    listing.add_argument("--tenant")
+    listing.set_defaults(handler=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id (key_…) or prefix")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+
+
+def _settings():
+    from api.core.config import get_settings
+
+    return get_settings()
+
+
+def _sessions(settings):
+    from api.core.db import session_factory
+
+    return session_factory(settings.resolved_database_url)
+
+
+def cmd_migrate(_args) -> int:
+    from api.core.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url)
+    print("database is at the latest schema")
+    return 0
+
+
+def ensure_embedded_key(settings) -> str | None:
+    """The key the embedded service prints: QDPO_BOOTSTRAP_API_KEY, or one made on first start and kept in var/api_key."""
+    from api.crud import keys as keys_crud
+
+    with _sessions(settings)() as session:
+        if settings.bootstrap_api_key:
+            keys_crud.ensure_key(session, key=settings.bootstrap_api_key)
+            return settings.bootstrap_api_key
+        key_file = settings.var_dir / "api_key"
+        if key_file.is_file() and keys_crud.authenticate(session, key=key_file.read_text().strip()):
+            return key_file.read_text().strip()
+        if keys_crud.has_any_key(session):
+            return None  # a managed deployment: keys come from `qdpo keys create`
+        _, key = keys_crud.create_key(session, tenant_name=keys_crud.DEFAULT_TENANT, name="embedded")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    return key
+
+
+def cmd_serve(args) -> int:
+    from api.core.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url)
+    key = ensure_embedded_key(settings)
+    host, port = args.host or settings.host, args.port or settings.port
+    print(f"qdpo: API on http://{host}:{port}  (docs: /docs)", flush=True)
+    if key:
+        print(f"qdpo: API key for tenant 'default': {key}  (also in {settings.var_dir / 'api_key'})", flush=True)
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen([sys.executable, "-m", "qdpo_client.cli", "worker"], env=os.environ.copy())
+    try:
+        return _run_api(settings, host, port)
+    finally:
+        if worker is not None:
+            _stop(worker)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Warm shutdown first; a job still running then is killed and resumes on the next start."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(WORKER_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cmd_api(args) -> int:
+    settings = _settings()
+    return _run_api(settings, args.host or settings.host, args.port or settings.port)
+
+
+def _run_api(settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    if settings.bootstrap_api_key:
+        ensure_embedded_key(settings)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from api.core.config import QUEUE_NAME
+    from worker.celery_app import make_celery
+
+    settings = _settings()
+    settings.register_models()
+    app = make_celery(settings)
+    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", QUEUE_NAME, f"--concurrency={args.concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_reconcile(_args) -> int:
+    from api.queue import JobQueue
+    from api.reconciler import reconcile_once
+
+    settings = _settings()
+    report = reconcile_once(settings, JobQueue(settings))
+    print(report)
+    return 0
+
+
+def cmd_keys_create(args) -> int:
+    from api.crud import keys as keys_crud
+
+    with _sessions(_settings())() as session:
+        record, key = keys_crud.create_key(session, tenant_name=args.tenant, name=args.name)
+        print(f"created {record.id} for tenant {args.tenant!r}; the key is shown only now:\n{key}")
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    from api.crud import keys as keys_crud
+
+    with _sessions(_settings())() as session:
+        for record in keys_crud.list_keys(session, tenant_name=args.tenant):
+            state = f"revoked {record.revoked_at:%Y-%m-%d}" if record.revoked_at else "active"
+            print(f"{record.id}  {record.key_prefix}…  tenant={record.tenant.name}  name={record.name or '-'}  {state}")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    from api.crud import keys as keys_crud
+
+    with _sessions(_settings())() as session:
+        record = keys_crud.revoke_key(session, key_id=args.key_id)
+    if record is None:
+        print(f"no key {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {record.id}")
+    return 0
