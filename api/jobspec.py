@@ -15,7 +15,7 @@ from api import models
 from api.core.errors import ApiError
 from api.schemas.jobs import AdapterInfo, JobCreate, JobPublic, Progress
 from qdpo_core import registry
-from qdpo_core.config import PipelineSpec
+from qdpo_core.config import LabelerSpec, PipelineSpec
 from qdpo_core.errors import SpecError
 
 # Which dataset field of the pipeline a job's uploaded file feeds, by method.
@@ -85,6 +85,7 @@ def build_spec(request: JobCreate) -> tuple[dict, dict]:
                 raise ApiError(422, "invalid_spec", f"method.{other}: settings for method '{other}' were given but method.type is {method!r}", f"method.{other}")
     if request.seed is not None:
         raw["seed"] = request.seed
+    _check_labelers(raw)
     try:
         spec = PipelineSpec.from_dict(raw).to_dict()
     except SpecError as exc:
@@ -92,6 +93,25 @@ def build_spec(request: JobCreate) -> tuple[dict, dict]:
     except (TypeError, ValueError) as exc:  # a value of the right JSON type but unusable (e.g. a comparison failed)
         raise ApiError(422, "invalid_spec", f"the job settings are invalid: {exc}", None) from exc
     return spec, inputs
+
+
+# Labeler settings appear in several places; qdpo_core reports their errors as `labeler.<field>`
+# whatever the place, so each one is checked here on its own to name the exact field.
+_LABELER_PLACES = (("eval", "judge", "eval.judge"), ("rlaif", "labeler", "method.rlaif.labeler"), ("factuality", "labeler", "method.factuality.labeler"))
+
+
+def _check_labelers(raw: dict) -> None:
+    for section, key, api_path in _LABELER_PLACES:
+        value = (raw.get(section) or {}).get(key)
+        if not isinstance(value, dict):
+            continue
+        try:
+            LabelerSpec.from_dict(value)
+        except SpecError as exc:
+            field = (exc.param or "").rpartition(".")[2]
+            param = f"{api_path}.{field}" if field else api_path
+            message = exc.message.split(": ", 1)[-1]
+            raise ApiError(422, exc.code, f"{param}: {message}", param) from exc
 
 
 def _epoch(value: datetime | None) -> int | None:

@@ -41,6 +41,18 @@ class JobStatusCollector:
         yield gauge
 
 
+def route_template(scope: Scope) -> str:
+    """'/v1/jobs/{job_id}/events' for '/v1/jobs/job_41d…/events' (an included router's route knows
+    only its own part of the path; the router prefixes are the leading segments of the real path)."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if template is None:
+        return "unmatched"
+    actual = scope["path"].rstrip("/").split("/")
+    own = template.rstrip("/").split("/")
+    return "/".join(actual[: len(actual) - len(own) + 1]) + template if len(actual) > len(own) else template
+
+
 class MetricsMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -60,7 +72,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = route_template(scope)
             REQUESTS.labels(scope["method"], template, str(status["code"])).inc()
             LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)

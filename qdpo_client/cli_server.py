@@ -136,13 +136,12 @@ def _run_api(settings, host: str, port: int) -> int:
 
 
 def cmd_worker(args) -> int:
-    from api.core.config import QUEUE_NAME
     from worker.celery_app import make_celery
 
     settings = _settings()
     settings.register_models()
     app = make_celery(settings)
-    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", QUEUE_NAME, f"--concurrency={args.concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
+    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", settings.queue_name, f"--concurrency={args.concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)

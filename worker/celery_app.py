@@ -1,6 +1,6 @@
 """The Celery application, configured from the deployment's settings. Imports no torch.
 
-Start a worker with `qdpo worker` (or `celery -A worker.celery_app worker -Q qdpo.jobs`).
+Start a worker with `qdpo worker` (or `celery -A worker.celery_app worker -Q <QDPO_QUEUE_NAME>`).
 The API imports this module too, only to send `run_job(job_id)` messages by name.
 
 Settings that make a lost worker lose no job:
@@ -19,7 +19,7 @@ from functools import lru_cache
 from celery import Celery
 from celery.signals import worker_process_init
 
-from api.core.config import QUEUE_NAME, Settings, get_settings
+from api.core.config import Settings, get_settings
 
 TASK_NAME = "qdpo.run_job"
 
@@ -39,7 +39,7 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
-        task_default_queue=QUEUE_NAME,
+        task_default_queue=settings.queue_name,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # job state lives in the database, never in a result backend

@@ -17,9 +17,6 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-QUEUE_NAME = "qdpo.jobs"
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QDPO_", env_file=None, extra="ignore")
 
@@ -27,6 +24,7 @@ class Settings(BaseSettings):
     var_dir: Path = Field(Path("var"), description="Directory of the embedded defaults (database file, broker folder, artifacts).")
     database_url: str | None = Field(None, description="SQLAlchemy URL; empty = SQLite file <var_dir>/qdpo.db.")
     broker_url: str | None = Field(None, description="Celery broker URL (redis://host:6379/0); empty = kombu filesystem broker under <var_dir>/broker.")
+    queue_name: str = Field("qdpo.jobs", description="Broker queue of job messages (separate deployments can share one broker).")
     artifact_dir: Path | None = Field(None, description="Uploaded files and job outputs, shared by API and workers; empty = <var_dir>/artifacts.")
 
     # Models offered on top of the bundled one, as JSON {"name": "/path/to/hf-dir" or "org/hub-id"}.
