@@ -174,6 +174,7 @@ def stale_validating(session: Session, *, before: datetime) -> list[Job]:
 
 
 def waiting_since(session: Session, *, before: datetime) -> list[Job]:
-    """Queued jobs last handed to the broker before `before` (or never)."""
-    query = select(Job).where(Job.status == QUEUED, (Job.enqueued_at < before) | Job.enqueued_at.is_(None))
+    """Queued jobs last handed to the broker before `before` (or never, and queued before it)."""
+    never_sent = Job.enqueued_at.is_(None) & (Job.updated_at < before)
+    query = select(Job).where(Job.status == QUEUED, (Job.enqueued_at < before) | never_sent)
     return list(session.scalars(query.order_by(Job.pk)))
