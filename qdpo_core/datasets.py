@@ -61,6 +61,8 @@ def _text(value: Any, field: str) -> str:
 def _prompt_messages(value: Any, field: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": _text(value, field)}]
+    if not isinstance(value, list):
+        raise _LineError(field, f"must be a string or a list of {{'role', 'content'}} messages; got {type(value).__name__}")
     return _messages(value, field, must_end_with="user")
 
 

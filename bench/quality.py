@@ -1,0 +1,147 @@
+"""Quality benchmark: FP vs PTQ-only vs each alignment method, on the built-in held-out prompts.
+
+    python bench/quality.py                                  # nf4 and RTN 3-bit × qdpo, kd, qdpo+kd
+    python bench/quality.py --quants rtn3 --methods qdpo --train-prompts 32   # a quicker look
+
+Every run is a normal pipeline run in bench/runs/<quant>-<method> (resumable: rerun to continue,
+--fresh to start over). Prints one table and writes bench/results/quality.json (+ .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+QUANTS = {
+    "nf4": {"method": "nf4"},
+    "int8": {"method": "int8"},
+    "rtn3": {"method": "rtn", "bits": 3, "group_size": 64},
+    "rtn4": {"method": "rtn", "bits": 4, "group_size": 64},
+}
+# Learning rates from the trials in shared/docs/science.md: DPO ruins the model above ~1e-4 here.
+METHODS = {
+    "qdpo": {"method": "qdpo", "train": {"learning_rate": 1e-4}},
+    "kd": {"method": "kd", "train": {"learning_rate": 2e-4}},
+    "qdpo+kd": {"method": "qdpo", "train": {"learning_rate": 2e-4, "kd_weight": 0.5}},
+    "rlaif": {"method": "rlaif", "train": {"learning_rate": 1e-4}},
+    "factuality": {"method": "factuality", "train": {"learning_rate": 1e-4}, "factuality": {"scorer": "logprob", "num_samples": 3}},
+}
+COLUMNS = ("token_flip_rate", "kl", "perplexity", "exact_match", "rouge_l", "cosine")
+
+
+def spec_for(quant: str, method: str, args) -> dict:
+    preset = json.loads(json.dumps(METHODS[method]))
+    spec = {
+        "method": preset.pop("method"),
+        "model": {"name": args.model},
+        "quantization": QUANTS[quant],
+        "dataset": {"max_train_prompts": args.train_prompts, "max_eval_prompts": args.eval_prompts},
+        "generation": {"max_new_tokens": args.max_new_tokens, "batch_size": 8},
+        "eval": {"max_new_tokens": args.max_new_tokens, "batch_size": 8, "semantic_similarity": True},
+        "train": {"epochs": args.epochs, "batch_size": 4, "lora_rank": 16, "beta": 0.1, "checkpoint_every": args.checkpoint_every, "early_stopping_patience": 0},
+        "seed": args.seed,
+    }
+    for key, value in preset.items():
+        spec.setdefault(key, {}).update(value)
+    return spec
+
+
+def run_one(quant: str, method: str, args) -> dict:
+    from qdpo_core.config import PipelineSpec
+    from qdpo_core.pipeline import run_pipeline
+
+    workdir = HERE / "runs" / f"{quant}-{method}"
+    if args.fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    spec = PipelineSpec.from_dict(spec_for(quant, method, args))
+    started = time.monotonic()
+
+    def show(event) -> None:
+        if event.type in ("stage", "checkpoint") or event.level != "info":
+            print(f"  [{quant}/{method}] {event.stage}: {event.message}", flush=True)
+
+    result = run_pipeline(spec, workdir, on_event=show)
+    report = result.report
+    return {
+        "quant": quant,
+        "method": method,
+        "fp": report["fp"],
+        "ptq": report["ptq"],
+        "aligned": report["aligned"],
+        "gap_closed": report["gap_closed"],
+        "selected_checkpoint": report["selected_checkpoint"],
+        "checkpoints": report["checkpoints"],
+        "pairs": report["pairs"],
+        "stage_seconds": report.get("stage_seconds"),
+        "wall_seconds_this_call": round(time.monotonic() - started, 1),
+        "spec": spec.to_dict(),
+    }
+
+
+def _fmt(value, percent=False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1%}" if percent else f"{value:.3f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = "| quant | model | flip rate | KL | ppl | exact | ROUGE-L | cosine | gap closed (flip / KL) | ckpt | stage seconds (pairs / train / eval) |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    seen_baselines = set()
+    for row in rows:
+        for label, metrics in (("FP", row["fp"]), ("PTQ-only", row["ptq"])):
+            if (row["quant"], label) in seen_baselines:
+                continue
+            seen_baselines.add((row["quant"], label))
+            cells = [_fmt(metrics.get(c), c in ("token_flip_rate", "exact_match")) for c in COLUMNS]
+            lines.append(f"| {row['quant']} | {label} | " + " | ".join(cells) + " | | | |")
+        cells = [_fmt(row["aligned"].get(c), c in ("token_flip_rate", "exact_match")) for c in COLUMNS]
+        closed = row["gap_closed"]
+        seconds = row.get("stage_seconds") or {}
+        timing = " / ".join(str(round(seconds.get(s) or 0)) for s in ("pairs", "train", "evaluate"))
+        lines.append(
+            f"| {row['quant']} | {row['method']} | " + " | ".join(cells) + f" | {_fmt(closed.get('token_flip_rate'), True)} / {_fmt(closed.get('kl'), True)} | {row['selected_checkpoint']} | {timing} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--quants", default="nf4,rtn3", help=f"comma list of {', '.join(QUANTS)}")
+    parser.add_argument("--methods", default="qdpo,kd,qdpo+kd", help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--train-prompts", type=int, default=64)
+    parser.add_argument("--eval-prompts", type=int, default=40, help="the built-in eval split has 40")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--checkpoint-every", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="delete earlier runs first")
+    parser.add_argument("--out", default=str(HERE / "results" / "quality.json"))
+    args = parser.parse_args(argv)
+
+    rows = []
+    for quant in args.quants.split(","):
+        for method in args.methods.split(","):
+            print(f"== {quant} / {method}", flush=True)
+            rows.append(run_one(quant, method, args))
+    markdown = table(rows)
+    print(markdown)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "fresh")}
+    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine()}
+    out.write_text(json.dumps({"settings": settings, "machine": machine, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

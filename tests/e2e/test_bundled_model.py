@@ -1,0 +1,46 @@
+"""End to end on the real bundled SmolLM2-135M-Instruct: a few prompts, a few tokens, nf4.
+
+Asserts the things a user relies on: quantization really flips tokens on this model, training
+runs, and the exported adapter loads onto the same quantized base and changes its outputs.
+"""
+
+import pytest
+import torch
+
+from qdpo_core.config import PipelineSpec
+from qdpo_core.export import load_aligned, verify
+from qdpo_core.pipeline import run_pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def test_qdpo_on_bundled_smollm2_exports_an_adapter_that_changes_the_quantized_model(tmp_path):
+    spec = PipelineSpec.from_dict(
+        {
+            "method": "qdpo",
+            "model": {"name": "smollm2-135m-instruct"},
+            "quantization": {"method": "nf4"},
+            "dataset": {"max_train_prompts": 6, "max_eval_prompts": 3},
+            "generation": {"max_new_tokens": 16, "batch_size": 6},
+            "eval": {"max_new_tokens": 16},
+            # select_best off: this test is about export and loading, so the adapter must be the trained one
+            "train": {"epochs": 1, "batch_size": 3, "learning_rate": 5e-4, "select_best": False},
+        }
+    )
+    events = []
+    result = run_pipeline(spec, tmp_path, on_event=events.append)
+    report = result.report
+    assert report["ptq"]["token_flip_rate"] > 0  # nf4 does flip tokens of this model
+    assert report["ptq"]["kl"] > 0.01
+    assert report["pairs"]["examples"] >= 1
+    assert [e.step for e in events if e.type == "metrics"] == [1, 2] or report["pairs"]["examples"] <= 3
+
+    manifest = verify(result.export_dir)
+    assert manifest["base_model"]["name"] == "smollm2-135m-instruct"
+    model, tokenizer = load_aligned(result.export_dir, device="cpu")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit that is yellow."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        aligned = model(**prompt).logits
+        with model.disable_adapter():
+            quantized = model(**prompt).logits
+    assert (aligned - quantized).abs().max().item() > 1e-3

@@ -1,0 +1,138 @@
+"""run_pipeline end to end on the tiny model: outputs, resume, cancel, bad input before heavy work."""
+
+import json
+
+import pytest
+import torch
+
+from qdpo_core.config import PipelineSpec
+from qdpo_core.errors import Cancelled, DataError, ModelUnavailable, SpecError
+from qdpo_core.events import STAGES
+from qdpo_core.export import load_aligned, verify
+from qdpo_core.pipeline import run_pipeline
+
+
+def _spec(model_dir, **overrides):
+    data = {
+        "model": {"name": str(model_dir)},
+        "quantization": {"method": "nf4"},
+        "dataset": {"max_train_prompts": 6, "max_eval_prompts": 3},
+        "generation": {"max_new_tokens": 6, "batch_size": 4},
+        "eval": {"max_new_tokens": 6},
+        "train": {"epochs": 2, "batch_size": 3, "learning_rate": 1e-3, "checkpoint_every": 2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return PipelineSpec.from_dict(data)
+
+
+def _stages_started(events):
+    return [e.stage for e in events if e.type == "stage" and e.message == "started"]
+
+
+@pytest.fixture(scope="module")
+def qdpo_run(tiny_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("qdpo-run")
+    events = []
+    result = run_pipeline(_spec(tiny_model_dir), workdir, on_event=events.append)
+    return workdir, events, result
+
+
+def test_qdpo_run_writes_adapter_manifest_and_report(qdpo_run):
+    workdir, events, result = qdpo_run
+    assert _stages_started(events) == list(STAGES)
+    manifest = verify(result.export_dir)  # every sha256 matches
+    assert set(manifest["files"]) == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "report.json", "report.md"}
+    assert manifest["method"] == "qdpo" and manifest["quantization"]["method"] == "nf4"
+    assert manifest["hyperparameters"]["beta"] == 0.1
+    report = result.report
+    assert report["ptq"]["token_flip_rate"] > 0 and report["fp"]["token_flip_rate"] == 0
+    assert set(report["gap_closed"]) >= {"token_flip_rate", "kl", "perplexity", "exact_match", "rouge_l"}
+    key = "kl"
+    assert report["aligned"][key] <= report["ptq"][key] + 1e-6  # never worse than PTQ-only on the selection metric
+    assert report["pairs"]["examples"] >= 1
+    assert "| token-flip rate" in (result.export_dir / "report.md").read_text()
+    checkpoints = [e for e in events if e.type == "checkpoint"]
+    assert checkpoints and all("kl" in e.data["metrics"] for e in checkpoints)
+
+
+def test_exported_adapter_loads_onto_the_quantized_base(qdpo_run):
+    from peft import PeftModel
+
+    _, _, result = qdpo_run
+    model, tokenizer = load_aligned(result.export_dir, device="cpu")
+    assert isinstance(model, PeftModel)
+    ids = tokenizer("hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        aligned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    if result.report["selected_checkpoint"] == 0:
+        assert torch.allclose(aligned, base)
+    else:
+        assert not torch.allclose(aligned, base)
+
+
+def test_rerun_on_finished_workdir_does_no_work_and_other_spec_is_refused(qdpo_run, tiny_model_dir):
+    workdir, _, result = qdpo_run
+    events = []
+    again = run_pipeline(_spec(tiny_model_dir), workdir, on_event=events.append)
+    assert _stages_started(events) == []
+    assert again.report == result.report
+    with pytest.raises(SpecError, match="different spec"):
+        run_pipeline(_spec(tiny_model_dir, seed=1), workdir)
+
+
+def test_cancel_then_resume_keeps_finished_stages(tiny_model_dir, tmp_path):
+    events = []
+
+    def cancel_at_baseline():
+        return any(e.type == "stage" and e.stage == "pairs" and e.message == "finished" for e in events)
+
+    spec = _spec(tiny_model_dir, method="kd", quantization={"method": "rtn", "bits": 2, "group_size": 32})
+    with pytest.raises(Cancelled):
+        run_pipeline(spec, tmp_path, on_event=events.append, should_cancel=cancel_at_baseline)
+    assert (tmp_path / "stages" / "pairs.json").is_file() and not (tmp_path / "stages" / "baseline.json").exists()
+    resumed = []
+    result = run_pipeline(spec, tmp_path, on_event=resumed.append)
+    assert _stages_started(resumed) == ["baseline", "train", "evaluate", "export"]
+    assert result.manifest["method"] == "kd"
+    assert any(e.type == "metrics" and "kd_loss" in e.data for e in resumed)
+
+
+def test_user_pairs_method_and_truncation_is_reported(tiny_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}?", "chosen": "A careful, complete answer " * (3 if i == 0 else 1), "rejected": f"no {i}"} for i in range(6)]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows))
+    events = []
+    spec = _spec(tiny_model_dir, method="dpo", dataset={"pairs": str(pairs), "max_response_tokens": 8, "eval_fraction": 0.34, "max_train_prompts": None})
+    result = run_pipeline(spec, tmp_path / "run", on_event=events.append)
+    assert result.report["pairs"]["responses_truncated"] == 1
+    assert any(e.level == "warning" and "max_response_tokens=8" in e.message for e in events)
+    assert result.report["eval_prompts"] == 2
+
+
+def test_malformed_dataset_fails_before_any_model_loads(tiny_model_dir, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n')
+    events = []
+    with pytest.raises(DataError) as info:
+        run_pipeline(_spec(tiny_model_dir, dataset={"prompts": str(bad)}), tmp_path / "run", on_event=events.append)
+    assert info.value.lines == [{"line": 2, "field": "prompt", "message": "must be a string or a list of {'role', 'content'} messages; got int"}]
+    assert _stages_started(events) == ["prepare"]
+
+
+def test_unknown_model_fails_fast(tmp_path):
+    spec = PipelineSpec.from_dict({"model": {"name": "no-such-model"}})
+    with pytest.raises(ModelUnavailable, match="unknown model 'no-such-model'"):
+        run_pipeline(spec, tmp_path)
+
+
+def test_all_pairs_identical_is_a_clear_error(tiny_model_dir, tmp_path):
+    # 8-bit RTN with one group per row barely moves this model: greedy answers all coincide
+    spec = _spec(tiny_model_dir, quantization={"method": "rtn", "bits": 8, "group_size": 32}, dataset={"max_train_prompts": 2})
+    with pytest.raises(SpecError, match="every pair was dropped"):
+        run_pipeline(spec, tmp_path)

@@ -1,0 +1,136 @@
+"""The trainer: learning happens, resume is exact, accumulation is exact, the export never loses to PTQ."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qdpo_core.config import QuantSpec, TrainSpec
+from qdpo_core.errors import Cancelled
+from qdpo_core.events import Emitter
+from qdpo_core.quantize import load_quantized
+from qdpo_core.tokens import encode_prompt
+from qdpo_core.train import Trainer, make_policy
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    """Eight preference pairs over random token answers (the trainer only sees token ids)."""
+    generator = torch.Generator().manual_seed(0)
+    result = []
+    for i in range(8):
+        prompt = encode_prompt(tokenizer, [{"role": "user", "content": f"Question number {i}?"}], 64).ids
+        chosen = torch.randint(10, 5000, (6,), generator=generator).tolist() + [tokenizer.eos_token_id]
+        rejected = torch.randint(10, 5000, (5,), generator=generator).tolist() + [tokenizer.eos_token_id]
+        result.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    return result
+
+
+def _trainer(tiny_model_dir, tokenizer, examples, workdir, spec, objective="dpo", should_cancel=lambda: False, evaluate=None, baseline=None, events=None):
+    student, _ = load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")
+    teacher = None
+    if objective == "kd" or spec.kd_weight:
+        from qdpo_core.models import load_full_precision
+
+        teacher = load_full_precision(tiny_model_dir, "cpu")
+    policy = make_policy(student, spec, seed=0)
+    emitter = Emitter(events.append if events is not None else None)
+    return Trainer(policy, teacher, tokenizer, examples, spec, objective, workdir, evaluate, baseline or {}, emitter, should_cancel, seed=0)
+
+
+def _adapter(path: Path) -> dict:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_dpo_training_raises_reward_accuracy_and_lowers_loss(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=6, batch_size=4, learning_rate=2e-3, warmup_ratio=0, select_best=False)
+    events = []
+    result = _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, events=events).run()
+    steps = [e for e in events if e.type == "metrics"]
+    assert len(steps) == result.total_steps == 12
+    assert steps[0].data["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
+    assert steps[-1].data["loss"] < 0.5 and steps[-1].data["reward_accuracy"] == 1.0
+    assert steps[-1].data["reward_margin"] > 0
+    for key in ("chosen_reward", "rejected_reward", "learning_rate", "epoch", "eta_seconds"):
+        assert key in steps[-1].data
+    reference = json.loads((tmp_path / "reference_logps.json").read_text())
+    assert len(reference["chosen"]) == 8 and all(v < 0 for v in reference["chosen"])
+
+
+def test_resume_from_checkpoint_reaches_the_same_adapter(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=2, batch_size=2, learning_rate=1e-3, lora_dropout=0.1, checkpoint_every=3, select_best=False, nll_weight=0.2)
+    straight = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "straight", spec).run()
+    steps_seen = []
+
+    def stop_at_five():
+        return len(steps_seen) >= 5
+
+    events = []
+    interrupted = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "resumed", spec, should_cancel=stop_at_five, events=events)
+    interrupted.emitter.on_event = lambda e: steps_seen.append(e) if e.type == "metrics" else None
+    with pytest.raises(Cancelled):
+        interrupted.run()
+    assert len(steps_seen) == 5  # stopped mid-epoch, between checkpoints (3 and 6)
+    events = []
+    resumed = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "resumed", spec, events=events).run()
+    assert [e.step for e in events if e.type == "metrics"] == [6, 7, 8]  # continued, not restarted at step 0
+    assert resumed.steps == straight.steps == 8
+    a, b = _adapter(tmp_path / "straight" / "best"), _adapter(tmp_path / "resumed" / "best")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert resumed.history[-1]["loss"] == pytest.approx(straight.history[-1]["loss"], abs=1e-5)
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tiny_model_dir, tokenizer, examples, tmp_path):
+    big = TrainSpec(epochs=1, batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3, select_best=False)
+    small = TrainSpec(epochs=1, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3, select_best=False)
+    _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "big", big).run()
+    _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "small", small).run()
+    a, b = _adapter(tmp_path / "big" / "best"), _adapter(tmp_path / "small" / "best")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_best_checkpoint_is_kept_and_identity_when_nothing_beats_ptq(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=3, batch_size=4, learning_rate=1e-3, checkpoint_every=1, early_stopping_patience=2)
+    calls = []
+
+    def never_better(model):  # a held-out score that only gets worse: nothing may be exported but step 0
+        calls.append(1)
+        return {"kl": 1.0 + len(calls), "token_flip_rate": 0.5, "perplexity": 10.0}
+
+    events = []
+    result = _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, evaluate=never_better, baseline={"kl": 1.0, "token_flip_rate": 0.5}, events=events).run()
+    assert result.best_step == 0
+    assert result.stopped_early and result.steps == 2  # patience 2: two evaluations without improvement
+    best = _adapter(tmp_path / "best")
+    assert all(float(t.abs().max()) == 0 for name, t in best.items() if "lora_B" in name)  # identity adapter
+    assert any(e.level == "warning" and "stopping early" in e.message for e in events)
+
+
+def test_best_checkpoint_tracks_the_lowest_held_out_metric(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=2, batch_size=4, learning_rate=1e-3, checkpoint_every=1, early_stopping_patience=0)
+    scores = iter([0.9, 0.7, 0.8, 0.95])
+
+    def held_out(model):
+        return {"kl": next(scores), "token_flip_rate": 0.3}
+
+    events = []
+    result = _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, evaluate=held_out, baseline={"kl": 1.0}, events=events).run()
+    assert result.best_step == 2 and result.best_metrics["kl"] == 0.7
+    checkpoint_events = [e for e in events if e.type == "checkpoint"]
+    assert [e.data["is_best"] for e in checkpoint_events] == [True, True, False, False]
+    saved = _adapter(tmp_path / "checkpoints" / "step-000004")  # the latest is kept for resume ...
+    best = _adapter(tmp_path / "best")  # ... but the export reads the best one
+    assert any(not torch.equal(saved[k], best[k]) for k in best)
+
+
+def test_kd_objective_pulls_the_student_towards_the_teacher(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=4, batch_size=4, learning_rate=3e-3, warmup_ratio=0, select_best=False)
+    events = []
+    _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, objective="kd", events=events).run()
+    kd = [e.data["kd_loss"] for e in events if e.type == "metrics"]
+    assert kd[-1] < kd[0] * 0.8
