@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QDPO_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="QDPO_", env_file=None, extra="ignore", env_ignore_empty=True)
 
     # Where the embedded defaults live (SQLite file, filesystem broker, artifacts).
     var_dir: Path = Field(Path("var"), description="Directory of the embedded defaults (database file, broker folder, artifacts).")
@@ -28,7 +29,7 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(None, description="Uploaded files and job outputs, shared by API and workers; empty = <var_dir>/artifacts.")
 
     # Models offered on top of the bundled one, as JSON {"name": "/path/to/hf-dir" or "org/hub-id"}.
-    extra_models: dict[str, str] = Field(default_factory=dict, description='Extra models as JSON, e.g. {"tiny-llama": "/models/tiny"}.')
+    extra_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, description='Extra models as JSON, e.g. {"tiny-llama": "/models/tiny"}.')
     device: str = Field("auto", description="Device the worker trains on: auto, cpu, cuda, cuda:N.")
 
     # API
@@ -56,7 +57,10 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_models(cls, value):
         if isinstance(value, str):
-            value = json.loads(value) if value.strip() else {}
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ValueError(f'QDPO_EXTRA_MODELS is not valid JSON ({exc}); use e.g. {{"tiny": "/models/tiny"}}') from exc
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ValueError('QDPO_EXTRA_MODELS must be a JSON object of names to model directories, e.g. {"tiny": "/models/tiny"}')
         return value
