@@ -113,6 +113,7 @@ class ProgressView:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from qdpo_core.pipeline import run_pipeline
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = spec_from_args(args)
         columns = (SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, transient=False) as progress:
+        # Progress and logs go to stderr, so stdout carries only the report (pipe-friendly with --json).
+        with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
             result = run_pipeline(spec, Path(args.out), on_event=ProgressView(progress))
     except (Cancelled, KeyboardInterrupt):
         print(f"stopped; finished work is kept in {args.out}: rerun the same command to resume", file=sys.stderr)
