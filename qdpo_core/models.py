@@ -33,6 +33,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("QDPO_MODEL_CACHE", Path.home() / ".cache" / "qdpo" / "models"))
 
 
+def quiet_transformers() -> None:
+    """Per-tensor "Loading weights" bars would bury the pipeline's own progress; keep its warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 
@@ -90,6 +97,7 @@ def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     log.info("converting %s to a safetensors cache in %s (once)", filename, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
@@ -160,6 +168,7 @@ def load_full_precision(model_dir: Path, device: str, dtype: str = "float32"):
     """The teacher: the unquantized model, frozen, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
     model.to(device).eval()
     model.requires_grad_(False)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qdpo_core.config import QuantSpec
-from qdpo_core.models import torch_dtype
+from qdpo_core.models import quiet_transformers, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def load_quantized(model_dir: Path, spec: QuantSpec, device: str, dtype: str = "
     """Load a fresh quantized copy of the model in `model_dir` → (model, QuantInfo)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     if spec.method == "rtn":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True)
         layers, packed = rtn_quantize_(model, spec.bits, spec.group_size)
