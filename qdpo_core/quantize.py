@@ -90,14 +90,18 @@ def disable_cpu_weight_packing(model: nn.Module) -> int:
     a repacking that already happened, which restores the autograd path; its bf16 scales stay).
     """
     import bitsandbytes as bnb
-    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    try:
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # releases without CPU repacking: nothing to undo
+        _convert_weight_packed_for_cpu_inverse = None
 
     count = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
             state = module.weight.quant_state
-            if getattr(state, "packing_format_for_cpu", False):
+            if _convert_weight_packed_for_cpu_inverse and getattr(state, "packing_format_for_cpu", False):
                 module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
             count += 1
         elif isinstance(module, bnb.nn.Linear8bitLt):
