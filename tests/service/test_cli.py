@@ -50,6 +50,8 @@ def test_files_and_jobs_commands(api_deployment, tenant_key, tmp_path):
     assert json.loads(qdpo(api_deployment, "jobs", "cancel", job["id"], key=tenant_key).stdout)["status"] == "cancelled"
     events = qdpo(api_deployment, "jobs", "events", job["id"], key=tenant_key).stdout
     assert "cancelled before it started" in events
+    followed = qdpo(api_deployment, "jobs", "events", job["id"], "--follow", key=tenant_key)  # SSE; ends with the job
+    assert followed.returncode == 0 and followed.stdout.strip().endswith("cancelled before it started")
 
 
 def test_cli_errors_name_the_field_and_exit_nonzero(api_deployment, tenant_key, tmp_path):
