@@ -153,14 +153,22 @@ class LabelerSpec(_Spec):
     base_url: str | None = _help("kind 'openai': the endpoint base URL, e.g. http://localhost:8001/v1.", default=None)
     api_key_env: str = _help("kind 'openai': name of the environment variable holding the API key (never the key itself).", default="QDPO_LABELER_API_KEY")
     timeout_seconds: float = _help("kind 'openai': per-request timeout.", default=30.0)
-    max_retries: int = _help("kind 'openai': retries on connection errors and 5xx answers.", default=2)
+    max_retries: int = _help("kind 'openai': retries on timeouts, connection errors, 429 and 5xx answers (exponential back-off).", default=2)
     chain_of_thought: bool = _help("Let the labeler write a short rationale before it is scored.", default=False)
+    rationale_tokens: int = _help("chain_of_thought: cap on the rationale's length in tokens.", default=64)
+    batch_size: int = _help("kind 'local': conversations scored or answered together.", default=8)
+    max_concurrency: int = _help("kind 'openai': requests in flight at once.", default=4)
 
     def __post_init__(self) -> None:
         _check(self.kind in ("local", "openai"), f"{self.prefix}.kind", f"got {self.kind!r}; use 'local' or 'openai'")
+        _check(isinstance(self.model, str) and self.model.strip() != "", f"{self.prefix}.model", "give a model name (a registered local model, or the endpoint's model name)")
         _check(self.kind != "openai" or bool(self.base_url), f"{self.prefix}.base_url", "kind 'openai' needs base_url, e.g. http://host:port/v1")
+        _check(self.base_url is None or str(self.base_url).startswith(("http://", "https://")), f"{self.prefix}.base_url", f"got {self.base_url!r}; use an http:// or https:// URL such as http://host:port/v1")
         _check(self.timeout_seconds > 0, f"{self.prefix}.timeout_seconds", "use a positive number of seconds")
         _check(isinstance(self.max_retries, int) and 0 <= self.max_retries <= 10, f"{self.prefix}.max_retries", "use 0..10")
+        _check(isinstance(self.rationale_tokens, int) and 1 <= self.rationale_tokens <= 1024, f"{self.prefix}.rationale_tokens", f"got {self.rationale_tokens!r}; use 1..1024")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"{self.prefix}.batch_size", f"got {self.batch_size!r}; use a positive integer")
+        _check(isinstance(self.max_concurrency, int) and 1 <= self.max_concurrency <= 64, f"{self.prefix}.max_concurrency", f"got {self.max_concurrency!r}; use 1..64")
 
 
 @dataclass
@@ -182,11 +190,12 @@ class FactualitySpec(_Spec):
     prefix: ClassVar[str] = "factuality"
     scorer: str = _help("'consistency' (re-ask each claim, score agreement), 'logprob' (mean token log-prob) or 'reference' (claims supported by passages).", default="consistency")
     num_samples: int = _help("Responses sampled per prompt.", default=4)
-    temperature: float = _help("Sampling temperature of the responses.", default=1.0)
-    min_score_gap: float = _help("A pair is made only when two scores differ by more than this.", default=0.1)
+    temperature: float = _help("Sampling temperature of the responses (and of the consistency scorer's re-asked answers).", default=1.0)
+    min_score_gap: float = _help("A pair is made only when two scores differ by more than this (scores are shares of claims in 0..1; for 'logprob', nats per token).", default=0.1)
     num_questions: int = _help("consistency scorer: answers sampled per claim question.", default=3)
     max_claims: int = _help("Claims scored per response (the first ones).", default=4)
     references: str | None = _help("reference scorer: JSONL of passages ({'text': str}, optional 'title').", default=None)
+    passages_per_claim: int = _help("reference scorer: best-matching passages shown to the labeler with each claim.", default=2)
     response_model: str = _help("Which model samples the responses: 'quantized' or 'fp'.", default="quantized")
     labeler: LabelerSpec = _help("Model that asks/answers claim questions or judges support.", default_factory=LabelerSpec)
 
@@ -197,6 +206,11 @@ class FactualitySpec(_Spec):
         _check(self.min_score_gap >= 0, "factuality.min_score_gap", "use a number >= 0")
         _check(self.scorer != "reference" or bool(self.references), "factuality.references", "scorer 'reference' needs a JSONL of reference passages")
         _check(self.response_model in ("quantized", "fp"), "factuality.response_model", "use 'quantized' or 'fp'")
+        _check(isinstance(self.num_questions, int) and self.num_questions >= 1, "factuality.num_questions", f"got {self.num_questions!r}; use a positive integer such as 3")
+        _check(isinstance(self.max_claims, int) and self.max_claims >= 1, "factuality.max_claims", f"got {self.max_claims!r}; use a positive integer such as 4")
+        _check(isinstance(self.passages_per_claim, int) and self.passages_per_claim >= 1, "factuality.passages_per_claim", f"got {self.passages_per_claim!r}; use a positive integer such as 2")
+        # chat-completions endpoints return log-probs of what they generate, never of a given text
+        _check(self.scorer != "logprob" or self.labeler.kind == "local", "factuality.labeler.kind", "scorer 'logprob' scores given answers token by token, which needs a local labeler; use kind 'local' or scorer 'consistency'")
 
 
 @dataclass
