@@ -173,10 +173,19 @@ class Run:
                 emitter.warn(f"{summary[key]} {what}", count=summary[key])
         dropped = summary.get("dropped_identical", 0)
         emitter.log(f"{summary['examples']} training examples from {summary['prompts']} prompts" + (f"; {dropped} identical pairs dropped" if dropped else ""))
+        if summary.get("labels_parsed") or summary.get("labels_unparsed"):
+            # the endpoint gave no log-probs: labels are hard verdicts read from its replies, not soft preferences
+            note = f"the labeler returned no log-probabilities, so {summary.get('labels_parsed', 0)} labels are verdicts parsed from its replies"
+            if summary.get("labels_unparsed"):
+                note += f" ({summary['labels_unparsed']} replies named no answer and count as undecided)"
+            summary["notes"] = summary.get("notes", []) + [note]
+            emitter.warn(note)
         if summary["examples"] == 0:
+            reasons = ", ".join(f"{v} {k[len('dropped_'):].replace('_', ' ')}" for k, v in summary.items() if k.startswith("dropped_")) or "none built"
             raise SpecError(
-                "dataset: every pair was dropped (the two answers were identical), so there is nothing to train on; "
-                "use more prompts, generation.do_sample with num_samples > 1, or a lower bit width",
+                f"dataset: every pair was dropped ({reasons}), so there is nothing to train on; "
+                "use more prompts, generation.do_sample with num_samples > 1, a lower bit width, "
+                "or for rlaif / factuality a lower rlaif.min_confidence / factuality.min_score_gap",
                 param="dataset",
             )
         return summary
@@ -283,6 +292,13 @@ class Run:
         ]
         from qdpo_core.export import quantization_label
 
+        judge = None
+        if self.spec.eval.judge is not None:
+            from qdpo_core.judge import judge_held_out
+
+            judge = judge_held_out(self.spec.eval.judge, self.models, [r["messages"] for r in rows], aligned_texts, ptq_texts, self.workdir / "evaluate" / "judge_verdicts.jsonl")
+            aligned["judge_win_rate"] = judge["win_rate"]
+            emitter.log(judge["sentence"], judge=judge)
         report = build_report(
             baseline["fp"],
             baseline["ptq"],
@@ -299,6 +315,7 @@ class Run:
             pairs={k: v for k, v in (self.done("pairs") or {}).items() if k != "seconds"},
             memory={k: (self.done("quantize") or {}).get(k) for k in ("fp_memory_bytes", "memory_bytes", "packed_bytes")},
             samples=samples,
+            **({"judge": judge} if judge is not None else {}),
         )
         path = self.workdir / "evaluate" / "report.json"
         path.write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -43,7 +43,7 @@ def markdown_table(report: dict) -> str:
         if key not in report["aligned"] and key not in report["ptq"]:
             continue
         closed = report["gap_closed"].get(key)
-        arrow = "↑" if key in HIGHER_IS_BETTER else "↓"
+        arrow = "↑" if key in HIGHER_IS_BETTER or key == "judge_win_rate" else "↓"
         lines.append(
             f"| {label} {arrow} | {_fmt(report['fp'].get(key), pattern)} | {_fmt(report['ptq'].get(key), pattern)} | "
             f"{_fmt(report['aligned'].get(key), pattern)} | {_fmt(closed, '{:.0%}')} |"
@@ -61,6 +61,10 @@ def markdown_report(report: dict) -> str:
         "",
         report.get("verdict", ""),
     ]
+    if report.get("judge"):
+        head += ["", report["judge"]["sentence"]]
+    for note in (report.get("pairs") or {}).get("notes", []):
+        head += ["", f"Note on the training pairs: {note}."]
     samples = report.get("samples") or []
     if samples:
         head += ["", "## Sample answers", ""]
@@ -84,3 +88,5 @@ def print_report(report: dict) -> None:
     console = Console()
     console.print(table)
     console.print(report.get("verdict", ""))
+    if report.get("judge"):
+        console.print(report["judge"]["sentence"])

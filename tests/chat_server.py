@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-_RESPONSES = re.compile(r"\[Response 1\]\n(.*?)\n\n\[Response 2\]\n(.*?)\n\n", re.S)
+_RESPONSES = re.compile(r"\[Response 1\]\n(.*?)\n\n\[Response 2\]\n(.*?)\n\n(?:Which response|Explain)", re.S)
 
 
 class LocalChatModel:
