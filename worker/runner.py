@@ -75,27 +75,24 @@ class JobRunner:
             return "skipped"
         if job.cancel_requested:
             return self._finish(job, CANCELLED, "cancelled before it started")
-        try:
-            spec = self._spec(job)
-        except QdpoError as exc:
-            return self._finish(job, FAILED, user_error(exc)["message"], error=user_error(exc))
         with Lease(self.url, job.pk, self.owner, self.settings.lease_seconds, self.settings.heartbeat_seconds, self.settings.cancel_poll_seconds) as lease:
-            return self._execute(job, spec, lease)
+            try:
+                return self._execute(job, lease)
+            except Cancelled:
+                if lease.lost.is_set():
+                    return "lost"
+                return self._finish(job, CANCELLED, "cancelled; the work finished so far is kept until the job is deleted")
+            except Exception as exc:  # anything after the claim ends the run properly; KeyboardInterrupt / SystemExit let the lease expire instead
+                return self._failed(job, exc)
 
-    def _execute(self, job: Job, spec: PipelineSpec, lease: Lease) -> str:
+    def _execute(self, job: Job, lease: Lease) -> str:
         from qdpo_core.pipeline import run_pipeline  # torch arrives with the first job, not at import
 
+        spec = self._spec(job)
         workdir = self.store.workdir(job.tenant_id, job.id)
         workdir.mkdir(parents=True, exist_ok=True)
         recorder = EventRecorder(self.url, job.pk, self.owner, str(workdir))
-        try:
-            result = run_pipeline(spec, workdir, on_event=recorder, should_cancel=lease.should_stop)
-        except Cancelled:
-            if lease.lost.is_set():
-                return "lost"
-            return self._finish(job, CANCELLED, "cancelled; the work finished so far is kept until the job is deleted")
-        except Exception as exc:  # KeyboardInterrupt / SystemExit pass: the lease expires, the job resumes elsewhere
-            return self._failed(job, exc)
+        result = run_pipeline(spec, workdir, on_event=recorder, should_cancel=lease.should_stop)
         return self._succeeded(job, result)
 
     def _spec(self, job: Job) -> PipelineSpec:

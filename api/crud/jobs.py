@@ -147,7 +147,8 @@ def finish(session: Session, *, job_pk: int, owner: str | None, status: str, mes
 
 def release(session: Session, *, job_pk: int, owner: str, message: str) -> bool:
     """running → queued by the worker itself (to retry after an internal error)."""
-    moved = _cas(session, job_pk, (RUNNING,), owner=owner, status=QUEUED, lease_owner=None, lease_expires_at=None)
+    # enqueued_at = now: the retry message is on its way, so the reconciler leaves the job alone for a while.
+    moved = _cas(session, job_pk, (RUNNING,), owner=owner, status=QUEUED, lease_owner=None, lease_expires_at=None, enqueued_at=utcnow())
     if moved:
         add_status_event(session, job_pk=job_pk, message=message, level="warning")
     session.commit()

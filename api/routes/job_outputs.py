@@ -64,9 +64,11 @@ async def _event_stream(request: Request, job_pk: int, after_pk: int, types: lis
 
     def fetch(cursor: int) -> tuple[list[EventPublic], str | None]:
         with sessions() as session:
-            status = session.get(Job, job_pk).status
+            job = session.get(Job, job_pk)
+            if job is None:  # deleted while someone was following it
+                return [], "deleted"
             events, _ = events_crud.list_events(session, job_pk=job_pk, after_pk=cursor, limit=STREAM_BATCH, types=types)
-            return [event_public(e) for e in events], status
+            return [event_public(e) for e in events], job.status
 
     cursor = after_pk
     while not await request.is_disconnected():
@@ -74,7 +76,7 @@ async def _event_stream(request: Request, job_pk: int, after_pk: int, types: lis
         for event in events:
             cursor = int(event.id.removeprefix(events_crud.EVENT_PREFIX))
             yield ServerSentEvent(data=event.model_dump_json(), event=event.type, id=event.id)
-        if not events and status in TERMINAL_STATUSES:
+        if not events and (status in TERMINAL_STATUSES or status == "deleted"):
             yield ServerSentEvent(data=json.dumps({"status": status}), event="end")
             return
         if len(events) < STREAM_BATCH:

@@ -167,3 +167,27 @@ def test_a_job_whose_worker_died_resumes_from_its_last_checkpoint(worker_deploym
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 2  # finished steps were not redone
     assert [m.step for m in client.jobs.metrics(job.id)] == list(range(1, 9))  # one row per step, replays replaced
     assert client.jobs.download_adapter(job.id, worker_deployment.settings.var_dir / "resumed").is_dir()
+
+
+def test_an_internal_error_is_retried_then_fails_with_the_last_error(worker_deployment):
+    from api.queue import JobQueue
+    from api.storage import ArtifactStore
+
+    client = worker_deployment.client()
+    job_id = _insert_without_message(worker_deployment, tiny_job())
+    with worker_deployment.sessions() as session:
+        from api.models import Job
+
+        tenant_id = session.query(Job).filter_by(id=job_id).one().tenant_id
+    # A plain file where the job's work directory belongs: every run fails the same infrastructure way.
+    workdir = ArtifactStore(worker_deployment.settings.resolved_artifact_dir).workdir(tenant_id, job_id)
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    workdir.write_text("in the way")
+    JobQueue(worker_deployment.settings).enqueue(job_id)
+
+    job = wait_status(client, job_id, ("failed", "succeeded"), timeout=120)
+    attempts = worker_deployment.settings.max_attempts
+    assert job.status == "failed" and job.attempts == attempts, messages(client, job_id)
+    assert job.error["code"] == "internal_error" and "FileExistsError" in job.error["message"]
+    log = messages(client, job_id)
+    assert sum(m.startswith("attempt ") and "retrying in" in m for m in log) == attempts - 1
