@@ -50,10 +50,17 @@ def sentences(text: str) -> list[str]:
     return out
 
 
-def split_claims(text: str, max_claims: int | None = None) -> list[str]:
-    """Atomic-ish claims, in order, without duplicates, questions or fragments shorter than MIN_CLAIM_WORDS."""
+def split_claims(text: str, max_claims: int | None = None, finished: bool = True) -> list[str]:
+    """Atomic-ish claims, in order, without duplicates, questions or fragments shorter than MIN_CLAIM_WORDS.
+
+    An answer cut off by the token limit (`finished=False`) loses its last sentence when that one
+    has no end mark: "The capital of France is" states nothing yet.
+    """
     claims, seen = [], set()
-    for sentence in sentences(text):
+    parts = sentences(text)
+    if not finished and parts and not parts[-1].rstrip("\"')]").endswith((".", "!", "?")):
+        parts = parts[:-1]
+    for sentence in parts:
         if sentence.rstrip("\"')]").endswith("?"):
             continue  # a question asks, it does not claim
         for clause in _clauses(sentence.rstrip(" .!;:\"')]").lstrip("\"'(["), MIN_CLAIM_WORDS):

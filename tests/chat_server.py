@@ -10,7 +10,7 @@ Behaviours (`mode`):
               for a "[Response 1] … [Response 2] …" comparison it names the longer response in words
               ("I prefer Response 2."), consistently under order swaps; for "Statement: … supported by
               the reference passages?" it says Yes when every word of the statement is in the passages;
-              for a fill-in-the-blank question it answers `blank_answer`; otherwise "Yes"
+              for a fill-in-the-blank (____) question it answers `blank_answer`; otherwise "Yes"
   slow        waits `delay` seconds before answering (for client timeouts)
   malformed   HTTP 200 with a body that is not JSON
   no_choices  HTTP 200 with JSON that is not a chat completion
@@ -98,7 +98,7 @@ def rule_reply(prompt: str, blank_answer: str) -> str:
     support = re.search(r"Reference passages:\n(.*?)\n\nContext:.*?Statement: (.*?)\n\n", prompt, re.S)
     if support is not None:
         return "Yes, it is." if _words(support.group(2)) <= _words(support.group(1)) else "No."
-    if "Fill in the blank" in prompt:
+    if "____" in prompt:
         return blank_answer
     return "Yes"
 

@@ -67,10 +67,9 @@ class LogprobScorer:
 
 
 def claim_question(prompt: list[dict], question: str) -> list[dict]:
-    text = (
-        f"Someone was asked: \"{render_conversation(prompt)}\"\n"
-        f"Fill in the blank (____) in this statement from their answer. Reply with the missing words only.\n\n{question}"
-    )
+    # The original request comes first, as if asked anew: even a 135M model then completes
+    # "The capital of France is ____" with Paris most of the time, which "fill in the blank" alone did not get.
+    text = f"{render_conversation(prompt)}\nComplete this statement with the right word or words, replacing ____:\n{question}"
     return [{"role": "user", "content": text}]
 
 
@@ -84,7 +83,7 @@ class ConsistencyScorer:
         # (answer index, claim, cloze) for every checkable claim; each question is asked num_questions times
         asked = []
         for k, answer in enumerate(answers):
-            for claim in split_claims(answer.text, self.max_claims):
+            for claim in split_claims(answer.text, self.max_claims, answer.finished):
                 blank = cloze(claim)
                 if blank is not None:
                     asked.append((k, claim, blank))
@@ -120,7 +119,7 @@ class ReferenceScorer:
         claims: list[list[dict]] = [[] for _ in answers]
         to_ask, conversations = [], []
         for k, answer in enumerate(answers):
-            for claim in split_claims(answer.text, self.max_claims):
+            for claim in split_claims(answer.text, self.max_claims, answer.finished):
                 found = self.index.search(claim, self.passages_per_claim, context=render_conversation(prompts[k]))
                 entry = {"claim": claim, "passages": [p.get("id", p.get("title", p["text"][:60])) for p in found], "p_supported": 0.0, "supported": False}
                 claims[k].append(entry)

@@ -39,6 +39,11 @@ def test_answers_split_into_sentence_and_clause_claims():
     # a short tail after ", and" stays with its clause; duplicates count once
     assert split_claims("Bread is made of flour, and water. Bread is made of flour, and water.") == ["Bread is made of flour, and water"]
     assert split_claims("Sure! Hello.") == []
+    # an answer cut by the token limit: its unfinished last sentence is no claim
+    cut = "Paris is the capital of France. The river that runs through it is"
+    assert split_claims(cut, finished=False) == ["Paris is the capital of France"]
+    assert split_claims(cut, finished=True) == ["Paris is the capital of France", "The river that runs through it is"]
+    assert split_claims("Paris is the capital of France.\nIt lies on the", finished=False) == ["Paris is the capital of France"]
 
 
 @pytest.mark.parametrize(
@@ -179,17 +184,23 @@ def test_logprob_pairs_on_the_tiny_model_keep_scores_and_respect_the_gap(tiny_mo
     assert example["chosen_score"] == pytest.approx(float(mean), abs=1e-4)
 
 
-def test_consistency_pairs_on_the_tiny_model_record_claims_and_answers(tiny_model_dir, tokenizer, tmp_path):
-    spec = _spec(tiny_model_dir, scorer="consistency", num_questions=2, max_claims=2, min_score_gap=0.0)
-    ctx = _ctx(spec, tokenizer, tmp_path)
-    summary = run_source(FactualityPairs(), builtin_prompts("train")[:2], ctx, tmp_path / "pairs.jsonl")
-    assert summary["responses_generated"] == 6 and summary["claims_scored"] >= 1
-    assert summary["examples"] + sum(v for k, v in summary.items() if k.startswith("dropped_")) == 2 * 3
-    for line in (tmp_path / "pairs.jsonl").read_text().splitlines():
-        example = json.loads(line)
-        assert example["chosen_score"] > example["rejected_score"]
-        for claim in example["chosen_claims"] + example["rejected_claims"]:
-            assert len(claim["answers"]) == 2 and claim["score"] == sum(agrees(a, claim["expected"]) for a in claim["answers"]) / 2
+def test_consistency_with_a_local_labeler_samples_each_question_reproducibly(tiny_model_dir, tokenizer):
+    from qdpo_core.models import load_full_precision
+
+    labeler = LocalLabeler(load_full_precision(tiny_model_dir, "cpu"), tokenizer, "tiny", batch_size=4)
+    scorer = ConsistencyScorer(labeler, num_questions=3, max_claims=2, temperature=1.0)
+    answers = _answers("Paris is the capital of France. It has 2.1 million inhabitants. The Seine runs through it.", "Lyon is the capital of France.")
+    first = scorer.score([QUESTION] * 2, answers, seed=5)
+    again = scorer.score([QUESTION] * 2, answers, seed=5)
+    assert [c["claim"] for c in first[0].claims] == ["Paris is the capital of France", "It has 2.1 million inhabitants"]  # max_claims=2
+    assert [c["expected"] for c in first[0].claims] == ["France", "2.1"]
+    for scored in first:
+        for claim in scored.claims:
+            assert len(claim["answers"]) == 3 and claim["score"] == sum(agrees(a, claim["expected"]) for a in claim["answers"]) / 3
+        assert scored.score == pytest.approx(sum(c["score"] for c in scored.claims) / len(scored.claims))
+    assert [s.claims for s in again] == [s.claims for s in first]  # same seed, same sampled answers
+    sampled = first[0].claims[0]["answers"]
+    assert len(set(sampled)) > 1  # answers to one question are sampled, not repeated greedy copies
 
 
 def test_bad_reference_file_fails_before_any_model_is_loaded(tiny_model_dir, tokenizer, tmp_path):
