@@ -29,8 +29,17 @@ METHODS = {
     "qdpo": {"method": "qdpo", "train": {"learning_rate": 1e-4}},
     "kd": {"method": "kd", "train": {"learning_rate": 2e-4}},
     "qdpo+kd": {"method": "qdpo", "train": {"learning_rate": 2e-4, "kd_weight": 0.5}},
-    "rlaif": {"method": "rlaif", "train": {"learning_rate": 1e-4}},
-    "factuality": {"method": "factuality", "train": {"learning_rate": 1e-4}, "factuality": {"scorer": "logprob", "num_samples": 3}},
+    # The labeler is the bundled FP model itself; at 135M it answers "1" whatever it is shown, so the
+    # swap-averaged preferences sit near 0.5 and any lean at all has to count (min_confidence 0).
+    "rlaif": {"method": "rlaif", "train": {"learning_rate": 1e-4}, "rlaif": {"min_confidence": 0.0}},
+    # FactTune-MC: 3 answers per prompt, the first 2 claims of each re-asked twice (~12 short generations per prompt).
+    "factuality": {
+        "method": "factuality",
+        "train": {"learning_rate": 1e-4},
+        "factuality": {"scorer": "consistency", "num_samples": 3, "max_claims": 2, "num_questions": 2, "min_score_gap": 0.0},
+    },
+    # The cheap proxy: mean token log-prob of each answer under the FP model (one forward pass per answer).
+    "factuality-logprob": {"method": "factuality", "train": {"learning_rate": 1e-4}, "factuality": {"scorer": "logprob", "num_samples": 3}},
 }
 COLUMNS = ("token_flip_rate", "kl", "perplexity", "exact_match", "rouge_l", "cosine")
 
