@@ -3,6 +3,7 @@
 Accepted shapes (one JSON object per line, blank lines ignored):
 
 - prompts:      {"prompt": "..."}  or  {"messages": [{"role": "user", "content": "..."}, ...]}
+- references:   {"text": "...", "title": "..."}   (passages for the factuality scorer)
 - preferences:  TRL      {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
                 OpenAI   {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
                           "non_preferred_output": [{...}]}
@@ -131,13 +132,29 @@ def _with_passthrough(record: dict, parsed: dict) -> dict:
     return parsed
 
 
-PARSERS = {"prompts": parse_prompt_record, "preferences": parse_preference_record}
+def parse_passage_record(record: Any) -> dict:
+    """A reference passage for the factuality scorer: {"text": str, "title"?: str}."""
+    if not isinstance(record, dict):
+        raise _LineError(None, "each line must be a JSON object with a 'text' field")
+    _check_fields(record, {"text", "title"}, "a passage has 'text' and optionally 'title'")
+    if "text" not in record:
+        raise _LineError("text", "is missing (each passage needs 'text')")
+    text = _text(record["text"], "text")
+    if "title" in record and not isinstance(record["title"], str):
+        raise _LineError("title", "must be a string")
+    return _with_passthrough(record, {"text": text, **({"title": record["title"]} if "title" in record else {})})
 
 
-def parse_lines(lines: Iterable[str | bytes], purpose: str) -> list[dict]:
-    """Parse every line; raise one DataError listing all bad lines, or return all records."""
+PARSERS = {"prompts": parse_prompt_record, "preferences": parse_preference_record, "references": parse_passage_record}
+
+
+def parse_lines(lines: Iterable[str | bytes], purpose: str, param: str = "file") -> list[dict]:
+    """Parse every line; raise one DataError listing all bad lines, or return all records.
+
+    `param` names the setting the file came from in the error (an upload is "file").
+    """
     if purpose not in PARSERS:
-        raise DataError(f"purpose: got {purpose!r}; use 'prompts' or 'preferences'", param="purpose")
+        raise DataError(f"purpose: got {purpose!r}; use one of {', '.join(PARSERS)}", param="purpose")
     parse = PARSERS[purpose]
     records: list[dict] = []
     errors: list[dict] = []
@@ -159,20 +176,22 @@ def parse_lines(lines: Iterable[str | bytes], purpose: str) -> list[dict]:
             errors.append({"line": number, "field": exc.field, "message": exc.message})
     if errors:
         first = errors[0]
-        where = f"line {first['line']}: " + (f"field '{first['field']}' " if first["field"] else "")
+        prefix = "" if param == "file" else f"{param}: "
+        where = prefix + f"line {first['line']}: " + (f"field '{first['field']}' " if first["field"] else "")
         more = f" ({len(errors)} bad lines in all; nothing was imported)" if len(errors) > 1 else " (nothing was imported)"
-        raise DataError(where + first["message"] + more, lines=errors[:MAX_LISTED_ERRORS])
+        raise DataError(where + first["message"] + more, param=param, lines=errors[:MAX_LISTED_ERRORS])
     if not records:
-        raise DataError(f"the file holds no records; a {purpose} file needs at least one JSON line")
+        prefix = "the file" if param == "file" else f"{param}: the file"
+        raise DataError(f"{prefix} holds no records; a {purpose} file needs at least one JSON line", param=param)
     return records
 
 
-def read_jsonl(path: str | Path, purpose: str) -> list[dict]:
+def read_jsonl(path: str | Path, purpose: str, param: str = "dataset") -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path.name}: file not found", param="dataset")
+        raise DataError(f"{param}: file {path.name} not found", param=param)
     with path.open("rb") as handle:
-        return parse_lines(handle, purpose)
+        return parse_lines(handle, purpose, param="file" if param == "dataset" else param)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:

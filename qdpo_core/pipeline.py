@@ -143,13 +143,24 @@ class Run:
 
     # ---- stages -------------------------------------------------------------------------
     def prepare(self, emitter: Emitter) -> dict:
+        from qdpo_core.models import resolve_model_dir
         from qdpo_core.prepare import prepare_data, write_prepared
 
         train, held_out, summary = prepare_data(self.spec)
-        self.models.model_dir  # an unknown or unreachable model fails here, before heavy work
+        # Unknown or unreachable models (the base, and any local labeler or judge) fail here, before heavy work.
+        self.models.model_dir
+        for labeler in self.local_labelers():
+            resolve_model_dir(labeler.model)
         write_prepared(self.workdir, train, held_out)
         emitter.log(f"{summary['train_records']} training records and {summary['eval_prompts']} held-out prompts from the {summary['source']}")
         return summary
+
+    def local_labelers(self) -> list:
+        spec = self.spec
+        labelers = [spec.eval.judge] if spec.eval.judge else []
+        if spec.method in ("rlaif", "factuality"):
+            labelers.append(getattr(spec, spec.method).labeler)
+        return [labeler for labeler in labelers if labeler.kind == "local"]
 
     def quantize(self, emitter: Emitter) -> dict:
         self.models.teacher

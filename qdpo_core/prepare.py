@@ -12,6 +12,7 @@ from qdpo_core.config import PipelineSpec
 from qdpo_core.datasets import read_jsonl, write_jsonl
 from qdpo_core.errors import DataError
 from qdpo_core.prompts import builtin_prompts
+from qdpo_core.references import read_references
 
 
 def _subset(records: list[dict], limit: int | None, seed: int) -> list[dict]:
@@ -53,6 +54,8 @@ def prepare_data(spec: PipelineSpec) -> tuple[list[dict], list[dict], dict]:
     train = _subset(train, data.max_train_prompts, spec.seed)
     held_out = _subset(held_out, data.max_eval_prompts, spec.seed + 1)
     summary = {"source": source, "train_records": len(train), "eval_prompts": len(held_out)}
+    if spec.method == "factuality" and spec.factuality.scorer == "reference":
+        summary["reference_passages"] = len(read_references(spec.factuality.references))  # a bad file fails now, not mid-job
     return train, held_out, summary
 
 

@@ -12,73 +12,23 @@ No torch here, so the API can validate an upload with it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from qdpo_core.claims import STOPWORDS, normalize
-from qdpo_core.errors import DataError
+from qdpo_core.datasets import parse_lines, read_jsonl
 
 PARAM = "factuality.references"
-MAX_LISTED_ERRORS = 50
-_FIELDS = {"text", "title", "id", "metadata"}
-
-
-def _check_record(record: Any) -> tuple[str | None, str] | dict:
-    """The passage, or (field, message) saying what is wrong with it."""
-    if not isinstance(record, dict):
-        return None, "each line must be a JSON object with a 'text' field"
-    for key in record:
-        if key not in _FIELDS:
-            return key, "is not a known field (a passage has 'text' and optionally 'title', 'id', 'metadata')"
-    if not isinstance(record.get("text"), str) or not record["text"].strip():
-        return "text", "must be a non-empty string" if "text" in record else "is missing (each passage needs 'text')"
-    if "title" in record and not isinstance(record["title"], str):
-        return "title", "must be a string"
-    return {k: record[k] for k in ("text", "title", "id", "metadata") if k in record}
 
 
 def parse_reference_lines(lines: Iterable[str | bytes]) -> list[dict]:
-    passages: list[dict] = []
-    errors: list[dict] = []
-    for number, raw in enumerate(lines, start=1):
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                errors.append({"line": number, "field": None, "message": "is not valid UTF-8"})
-                continue
-        text = raw.lstrip("\ufeff").strip()
-        if not text:
-            continue
-        try:
-            checked = _check_record(json.loads(text))
-        except json.JSONDecodeError as exc:
-            errors.append({"line": number, "field": None, "message": f"is not valid JSON ({exc.msg} at column {exc.colno})"})
-            continue
-        if isinstance(checked, tuple):
-            errors.append({"line": number, "field": checked[0], "message": checked[1]})
-        else:
-            passages.append(checked)
-    if errors:
-        first = errors[0]
-        where = f"{PARAM}: line {first['line']}: " + (f"field '{first['field']}' " if first["field"] else "")
-        more = f" ({len(errors)} bad lines in all; nothing was read)" if len(errors) > 1 else " (nothing was read)"
-        raise DataError(where + first["message"] + more, param=PARAM, lines=errors[:MAX_LISTED_ERRORS])
-    if not passages:
-        raise DataError(f"{PARAM}: the file holds no passages; give at least one {{\"text\": ...}} line", param=PARAM)
-    return passages
+    return parse_lines(lines, "references", param=PARAM)
 
 
 def read_references(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{PARAM}: file {path.name} not found", param=PARAM)
-    with path.open("rb") as handle:
-        return parse_reference_lines(handle)
+    return read_jsonl(path, "references", param=PARAM)
 
 
 def content_words(text: str) -> set[str]:

@@ -134,7 +134,7 @@ def test_malformed_references_are_listed_by_line():
     assert info.value.param == "factuality.references"
     assert [(e["line"], e["field"]) for e in info.value.lines] == [(3, "text"), (4, None), (5, "url"), (6, "text")]
     assert info.value.message.startswith("factuality.references: line 3: field 'text' is missing")
-    with pytest.raises(DataError, match="holds no passages"):
+    with pytest.raises(DataError, match="factuality.references: the file holds no records"):
         parse_reference_lines(["", "  "])
 
 

@@ -136,3 +136,16 @@ def test_all_pairs_identical_is_a_clear_error(tiny_model_dir, tmp_path):
     spec = _spec(tiny_model_dir, quantization={"method": "rtn", "bits": 8, "group_size": 32}, dataset={"max_train_prompts": 2})
     with pytest.raises(SpecError, match="every pair was dropped"):
         run_pipeline(spec, tmp_path)
+
+
+def test_bad_reference_passages_and_unknown_labeler_fail_before_any_model_loads(tiny_model_dir, tmp_path):
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text('{"text": "Paris is in France."}\n{"txt": "typo"}\n')
+    events = []
+    spec = _spec(tiny_model_dir, method="factuality", factuality={"scorer": "reference", "references": str(passages), "labeler": {"model": str(tiny_model_dir)}})
+    with pytest.raises(DataError, match="factuality.references: line 2: field 'txt'"):
+        run_pipeline(spec, tmp_path / "a", on_event=events.append)
+    assert _stages_started(events) == ["prepare"]
+    spec = _spec(tiny_model_dir, method="rlaif", rlaif={"labeler": {"model": "no-such-labeler"}})
+    with pytest.raises(ModelUnavailable, match="no-such-labeler"):
+        run_pipeline(spec, tmp_path / "b", on_event=events.append)
