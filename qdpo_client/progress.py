@@ -33,6 +33,9 @@ class JobProgress:
         if progress is None or progress.stage is None:
             self.bar.update(self.task, description=job.status, total=None, completed=0, eta="")
             return
+        if job.done:
+            self.bar.update(self.task, description=f"{job.status} after {progress.stage}", total=1, completed=1, eta="")
+            return
         stage = f"{job.status}: {progress.stage} ({progress.stage_index}/{progress.stage_count})"
         eta = f"eta {progress.eta_seconds:.0f}s" if progress.eta_seconds is not None else ""
         self.bar.update(self.task, description=stage, total=progress.total_steps, completed=progress.step or 0, eta=eta)
