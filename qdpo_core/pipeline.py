@@ -102,14 +102,17 @@ class Run:
 
     # ---- bookkeeping --------------------------------------------------------------------
     def claim_workdir(self) -> None:
+        """Bind the work directory to this spec; a resume must bring the same settings and input files."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "spec.json"
-        wanted = _comparable(self.spec.to_dict())
+        spec = self.spec.to_dict()
+        wanted = {"settings": _comparable(spec), "inputs": _input_hashes(spec)}
         if path.is_file():
-            if _comparable(json.loads(path.read_text())) != wanted:
-                raise SpecError(f"workdir: {self.workdir} holds a run of a different spec; use a new directory to start over", param="workdir")
+            stored = json.loads(path.read_text())
+            if {"settings": _comparable(stored["spec"]), "inputs": stored["inputs_sha256"]} != wanted:
+                raise SpecError("workdir: the directory holds a run of a different spec or different input files; use a new directory to start over", param="workdir")
         else:
-            path.write_text(json.dumps(self.spec.to_dict(), indent=1))
+            path.write_text(json.dumps({"spec": spec, "inputs_sha256": wanted["inputs"]}, indent=1))
 
     def marker(self, stage: str) -> Path:
         return self.workdir / "stages" / f"{stage}.json"
@@ -285,13 +288,13 @@ class Run:
         result = trainer.run()
         if result.best_step == 0:
             emitter.warn("no checkpoint beat the PTQ-only model on held-out data; the export is the identity adapter")
-        return result.to_dict()
+        return {**result.to_dict(), "best_dir": str(result.best_dir.relative_to(self.workdir))}
 
     def evaluate(self, emitter: Emitter) -> dict:
         from qdpo_core.report import build_report
 
         trained = self.done("train")
-        aligned_model = self._aligned_policy(Path(trained["best_dir"]))
+        aligned_model = self._aligned_policy(self.workdir / trained["best_dir"])
         aligned = self.score(aligned_model, self.workdir / "evaluate" / "aligned_responses.jsonl", "aligned answers", emitter)
         baseline = self.done("baseline")
         _, rows = self.held_out()
@@ -350,15 +353,35 @@ class Run:
         report = json.loads((self.workdir / "evaluate" / "report.json").read_text())
         timings = {stage: (self.done(stage) or {}).get("seconds") for stage in STAGES if stage != "export"}
         report["stage_seconds"] = timings
-        manifest = export(self.spec, Path(self.done("train")["best_dir"]), report, self.workdir / "export", str(self.models.model_dir))
-        emitter.log(f"exported adapter to {self.workdir / 'export'}")
+        manifest = export(self.spec, self.workdir / self.done("train")["best_dir"], report, self.workdir / "export", self.models.model_dir)
+        emitter.log("exported the adapter, manifest and report to export/")
         return {"files": len(manifest["files"])}
 
 
+# Settings that name input files: a resume compares the files' contents, not their paths (another
+# worker may mount the shared artifact store elsewhere).
+INPUT_FILES = (("dataset", "prompts"), ("dataset", "pairs"), ("dataset", "eval_prompts"), ("factuality", "references"))
+
+
 def _comparable(spec_dict: dict) -> dict:
-    """Spec fields that must match to resume (the device may differ between workers)."""
-    model = {k: v for k, v in spec_dict.get("model", {}).items() if k != "device"}
-    return {**spec_dict, "model": model}
+    """Spec fields that must match to resume: all but the device and input file paths."""
+    result = json.loads(json.dumps(spec_dict))
+    result["model"].pop("device", None)
+    for section, key in INPUT_FILES:
+        result[section].pop(key, None)
+    return result
+
+
+def _input_hashes(spec_dict: dict) -> dict:
+    from qdpo_core.export import sha256_file
+
+    hashes = {}
+    for section, key in INPUT_FILES:
+        value = spec_dict[section].get(key)
+        if value:
+            path = Path(value)
+            hashes[f"{section}.{key}"] = sha256_file(path) if path.is_file() else None
+    return hashes
 
 
 def run_pipeline(

@@ -34,7 +34,11 @@ def verdict(report: dict, selected_checkpoint: int | None) -> str:
 
 
 def _fmt(value, pattern: str) -> str:
-    return "–" if value is None else pattern.format(value)
+    if value is None:
+        return "–"
+    if "%" in pattern and abs(value) < 0.005:
+        value = 0.0  # no "-0%" for a change that rounds away
+    return pattern.format(value)
 
 
 def markdown_table(report: dict) -> str:

@@ -48,6 +48,10 @@ def test_qdpo_run_writes_adapter_manifest_and_report(qdpo_run):
     assert set(manifest["files"]) == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "report.json", "report.md"}
     assert manifest["method"] == "qdpo" and manifest["quantization"]["method"] == "nf4"
     assert manifest["hyperparameters"]["beta"] == 0.1
+    assert manifest["base_model"]["source"] == "local directory" and len(manifest["base_model"]["config_sha256"]) == 64
+    # nothing about this machine's layout leaks into what users download or read
+    assert str(workdir) not in json.dumps(manifest) + json.dumps(result.report)
+    assert not any(str(workdir) in e.message or str(workdir) in json.dumps(e.data) for e in events)
     report = result.report
     assert report["ptq"]["token_flip_rate"] > 0 and report["fp"]["token_flip_rate"] == 0
     assert set(report["gap_closed"]) >= {"token_flip_rate", "kl", "perplexity", "exact_match", "rouge_l"}
@@ -149,3 +153,19 @@ def test_bad_reference_passages_and_unknown_labeler_fail_before_any_model_loads(
     spec = _spec(tiny_model_dir, method="rlaif", rlaif={"labeler": {"model": "no-such-labeler"}})
     with pytest.raises(ModelUnavailable, match="no-such-labeler"):
         run_pipeline(spec, tmp_path / "b", on_event=events.append)
+
+
+def test_resume_follows_input_contents_not_paths(tiny_model_dir, tmp_path):
+    """A re-queued job may run on a worker that mounts the artifact store elsewhere."""
+    first, moved = tmp_path / "a" / "prompts.jsonl", tmp_path / "b" / "prompts.jsonl"
+    for path in (first, moved):
+        path.parent.mkdir()
+        path.write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+    stop = lambda: True  # noqa: E731 - claim the directory, then stop before the first stage
+    with pytest.raises(Cancelled):
+        run_pipeline(_spec(tiny_model_dir, dataset={"prompts": str(first)}), tmp_path / "run", should_cancel=stop)
+    with pytest.raises(Cancelled):  # same content elsewhere: the same run
+        run_pipeline(_spec(tiny_model_dir, dataset={"prompts": str(moved)}, model={"device": "cpu"}), tmp_path / "run", should_cancel=stop)
+    moved.write_text('{"prompt": "one"}\n{"prompt": "changed"}\n')
+    with pytest.raises(SpecError, match="different input files"):
+        run_pipeline(_spec(tiny_model_dir, dataset={"prompts": str(moved)}), tmp_path / "run", should_cancel=stop)
