@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.crud import jobs as jobs_crud
+from api.jobspec import INPUT_FILES
 from api.models import FAILED, VALIDATING, File, Job
 from api.queue import JobQueue
 from api.storage import ArtifactStore, sha256_of
@@ -24,7 +25,7 @@ def input_problem(session: Session, store: ArtifactStore, job: Job) -> dict | No
     """An error dict when an input file is gone or changed on disk since it was validated."""
     for field, file_id in (job.inputs or {}).items():
         record = session.scalar(select(File).where(File.id == file_id, File.tenant_id == job.tenant_id))
-        param = "dataset.eval_file_id" if field == "eval_prompts" else "dataset.file_id"
+        param = INPUT_FILES[field].param
         if record is None:
             return {"code": "file_not_found", "message": f"{param}: file {file_id} was deleted before the job started", "param": param}
         path = store.absolute(record.path)

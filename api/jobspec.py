@@ -9,6 +9,7 @@ names the field the way the client wrote it.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 
 from api import models
@@ -21,8 +22,27 @@ from qdpo_core.errors import SpecError
 # Which dataset field of the pipeline a job's uploaded file feeds, by method.
 PREFERENCES_METHODS = ("dpo",)
 
+
+@dataclass(frozen=True)
+class InputFile:
+    """An uploaded file a job reads: where its path goes in the spec, and the API field naming it."""
+
+    section: str  # PipelineSpec section the worker writes the file's path into
+    key: str  # field in that section
+    param: str  # the request field carrying the file id
+    purpose: str  # the upload purpose the file must have
+
+
+# Keyed by the name stored in Job.inputs.
+INPUT_FILES = {
+    "prompts": InputFile("dataset", "prompts", "dataset.file_id", "prompts"),
+    "pairs": InputFile("dataset", "pairs", "dataset.file_id", "preferences"),
+    "eval_prompts": InputFile("dataset", "eval_prompts", "dataset.eval_file_id", "prompts"),
+    "references": InputFile("factuality", "references", "method.factuality.references_file_id", "references"),
+}
+
 _PREFIXES = (("train.", "method.hyperparameters."), ("rlaif.", "method.rlaif."), ("factuality.", "method.factuality."))
-_RENAMES = {"method": "method.type", "model.name": "model", "dataset.prompts": "dataset.file_id", "dataset.pairs": "dataset.file_id", "dataset.eval_prompts": "dataset.eval_file_id"}
+_RENAMES = {"method": "method.type", "model.name": "model", **{f"{f.section}.{f.key}": f.param for f in INPUT_FILES.values()}}
 
 
 def api_param(spec_param: str | None) -> str | None:
@@ -72,7 +92,7 @@ def build_spec(request: JobCreate) -> tuple[dict, dict]:
         inputs["pairs" if expected_purpose(method) == "preferences" else "prompts"] = file_id
     if eval_file_id := dataset.pop("eval_file_id", None):
         inputs["eval_prompts"] = eval_file_id
-    raw: dict = {"method": method, "model": {"name": request.model}, "dataset": {**dataset, **inputs}}
+    raw: dict = {"method": method, "model": {"name": request.model}, "dataset": dataset}
     for section, value in (("quantization", request.quantization), ("generation", request.generation), ("eval", request.eval)):
         if value is not None:
             raw[section] = value.given()
@@ -83,6 +103,11 @@ def build_spec(request: JobCreate) -> tuple[dict, dict]:
         for other in ("rlaif", "factuality"):
             if getattr(request.method, other) is not None and method != other:
                 raise ApiError(422, "invalid_spec", f"method.{other}: settings for method '{other}' were given but method.type is {method!r}", f"method.{other}")
+    if references_file_id := raw.get("factuality", {}).pop("references_file_id", None):
+        inputs["references"] = references_file_id
+    # File ids stand in for the paths while the spec is checked; the worker puts the real paths there.
+    for name, file_id in inputs.items():
+        raw.setdefault(INPUT_FILES[name].section, {})[INPUT_FILES[name].key] = file_id
     if request.seed is not None:
         raw["seed"] = request.seed
     _check_labelers(raw)
@@ -95,23 +120,27 @@ def build_spec(request: JobCreate) -> tuple[dict, dict]:
     return spec, inputs
 
 
-# Labeler settings appear in several places; qdpo_core reports their errors as `labeler.<field>`
-# whatever the place, so each one is checked here on its own to name the exact field.
+# Where labeler settings can appear in a request, and how the API names each place.
 _LABELER_PLACES = (("eval", "judge", "eval.judge"), ("rlaif", "labeler", "method.rlaif.labeler"), ("factuality", "labeler", "method.factuality.labeler"))
+LABELER_KEY_PREFIX = "QDPO_LABELER_"
 
 
 def _check_labelers(raw: dict) -> None:
+    """A client may not point a worker at server paths or hub ids, nor read arbitrary server secrets.
+
+    A local labeler must be a model this deployment offers; an endpoint's API key can only come from
+    an environment variable the operator named for that purpose (QDPO_LABELER_*).
+    """
     for section, key, api_path in _LABELER_PLACES:
         value = (raw.get(section) or {}).get(key)
         if not isinstance(value, dict):
             continue
-        try:
-            LabelerSpec.from_dict(value)
-        except SpecError as exc:
-            field = (exc.param or "").rpartition(".")[2]
-            param = f"{api_path}.{field}" if field else api_path
-            message = exc.message.split(": ", 1)[-1]
-            raise ApiError(422, exc.code, f"{param}: {message}", param) from exc
+        if value.get("kind", "local") == "local" and "model" in value and registry.lookup(value["model"]) is None:
+            offered = ", ".join(m.name for m in registry.registered_models())
+            raise ApiError(422, "model_not_available", f"{api_path}.model: {value['model']!r} is not offered by this deployment; use one of: {offered}", f"{api_path}.model")
+        env = value.get("api_key_env")
+        if env is not None and not str(env).startswith(LABELER_KEY_PREFIX):
+            raise ApiError(422, "invalid_spec", f"{api_path}.api_key_env: must name a variable starting with {LABELER_KEY_PREFIX} (set by the operator for labelers); got {env!r}", f"{api_path}.api_key_env")
 
 
 def _epoch(value: datetime | None) -> int | None:
@@ -132,7 +161,10 @@ def job_public(job: models.Job) -> JobPublic:
     dataset["eval_file_id"] = job.inputs.get("eval_prompts")
     method = {"type": spec["method"], "hyperparameters": spec["train"]}
     if spec["method"] in ("rlaif", "factuality"):
-        method[spec["method"]] = spec[spec["method"]]
+        method[spec["method"]] = dict(spec[spec["method"]])
+    if spec["method"] == "factuality":
+        method["factuality"].pop("references", None)
+        method["factuality"]["references_file_id"] = job.inputs.get("references")
     adapter = None
     if job.status == models.SUCCEEDED and job.adapter_sha256:
         adapter = AdapterInfo(bytes=job.adapter_bytes or 0, sha256=job.adapter_sha256, url=f"/v1/jobs/{job.id}/adapter")

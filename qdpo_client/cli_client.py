@@ -23,10 +23,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     files = sub.add_parser("files", help="upload and manage dataset files").add_subparsers(dest="files_command", required=True)
     upload = files.add_parser("upload", help="upload a JSONL file")
     upload.add_argument("path", type=Path)
-    upload.add_argument("--purpose", choices=["prompts", "preferences"], required=True)
+    upload.add_argument("--purpose", choices=["prompts", "preferences", "references"], required=True)
     upload.set_defaults(handler=lambda a: _show(_client(a).files.upload(a.path, a.purpose)))
     listing = files.add_parser("list")
-    listing.add_argument("--purpose", choices=["prompts", "preferences"])
+    listing.add_argument("--purpose", choices=["prompts", "preferences", "references"])
     _paging(listing)
     listing.set_defaults(handler=lambda a: _table(_client(a).files.list(purpose=a.purpose, after=a.after, limit=a.limit).data, ["id", "purpose", "filename", "rows", "bytes"]))
     for name, method in (("get", "get"), ("delete", "delete")):

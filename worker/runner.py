@@ -21,7 +21,7 @@ from api.core.db import session_factory
 from api.crud import events as events_crud
 from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
-from api.jobspec import api_message, api_param, fine_tuned_model_name
+from api.jobspec import INPUT_FILES, api_message, api_param, fine_tuned_model_name
 from api.models import CANCELLED, FAILED, SUCCEEDED, Job
 from api.storage import ArtifactStore
 from qdpo_core.config import PipelineSpec
@@ -99,10 +99,11 @@ class JobRunner:
         spec = {key: (dict(value) if isinstance(value, dict) else value) for key, value in job.spec.items()}
         with self.sessions() as session:
             for field, file_id in (job.inputs or {}).items():
+                wanted = INPUT_FILES[field]
                 record = files_crud.get_file(session, tenant_id=job.tenant_id, file_id=file_id)
                 if record is None:
-                    raise DataError(f"dataset.{field}: file {file_id} was deleted before the job ran", param=f"dataset.{field}")
-                spec["dataset"][field] = str(self.store.absolute(record.path))
+                    raise DataError(f"{wanted.param}: file {file_id} was deleted before the job ran", param=wanted.param)
+                spec[wanted.section] = {**spec.get(wanted.section, {}), wanted.key: str(self.store.absolute(record.path))}
         if self.settings.device != "auto":
             spec["model"] = {**spec["model"], "device": self.settings.device}
         return PipelineSpec.from_dict(spec)

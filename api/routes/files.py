@@ -41,7 +41,7 @@ def upload_file(
     store: StoreDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, Form(description="JSONL, one record per line (see the `purpose` for the accepted shapes).")],
-    purpose: Annotated[FilePurpose, Form(description="prompts: {'prompt'} or {'messages'} lines; preferences: TRL {'prompt','chosen','rejected'} or OpenAI preference lines.")],
+    purpose: Annotated[FilePurpose, Form(description="prompts: {'prompt'} or {'messages'} lines; preferences: TRL {'prompt','chosen','rejected'} or OpenAI preference lines; references: {'text', 'title'?} passages for the factuality scorer.")],
 ) -> FilePublic:
     """Upload a JSONL dataset; it is validated line by line and stored only if every line is valid."""
     staging = store.staging_file()

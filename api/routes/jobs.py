@@ -14,7 +14,7 @@ from api.crud import files as files_crud
 from api.crud import jobs as jobs_crud
 from api.deps import CurrentTenant, QueueDep, SessionDep, StoreDep
 from api.dispatch import validate_and_queue
-from api.jobspec import build_spec, expected_purpose, job_public
+from api.jobspec import INPUT_FILES, build_spec, job_public
 from api.models import TERMINAL_STATUSES, VALIDATING, Job
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
@@ -32,14 +32,14 @@ def get_tenant_job(session, tenant, job_id: str) -> Job:
 def _check_inputs(session, tenant_id: str, method: str, inputs: dict) -> None:
     """Every referenced file exists for this tenant and has the purpose its role needs."""
     for field, file_id in inputs.items():
-        param = "dataset.eval_file_id" if field == "eval_prompts" else "dataset.file_id"
+        wanted = INPUT_FILES[field]
+        param = wanted.param
         record = files_crud.get_file(session, tenant_id=tenant_id, file_id=file_id)
         if record is None:
             raise ApiError(404, "file_not_found", f"{param}: no file with id {file_id!r}; upload one with POST /v1/files", param)
-        wanted = "prompts" if field == "eval_prompts" else expected_purpose(method)
-        if record.purpose != wanted:
-            role = "evaluation prompts" if field == "eval_prompts" else f"method {method!r}"
-            raise ApiError(422, "wrong_file_purpose", f"{param}: {file_id} is a {record.purpose} file but {role} needs a {wanted} file", param)
+        if record.purpose != wanted.purpose:
+            role = {"eval_prompts": "evaluation prompts", "references": "reference passages"}.get(field, f"method {method!r}")
+            raise ApiError(422, "wrong_file_purpose", f"{param}: {file_id} is a {record.purpose} file but {role} needs a {wanted.purpose} file", param)
 
 
 @router.post("", status_code=201, response_model=JobPublic, responses=error_responses(401, 404, 422))

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-FilePurpose = Literal["prompts", "preferences"]
+FilePurpose = Literal["prompts", "preferences", "references"]
 
 
 class FilePublic(BaseModel):

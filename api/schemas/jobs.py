@@ -30,13 +30,19 @@ class DatasetSettings(DatasetOptions):
     eval_file_id: str | None = Field(None, description="Uploaded prompts file held out for evaluation; empty = a seeded split of the training prompts.")
 
 
+class FactualityOptions(FactualitySettings):
+    """Method factuality: FactTune-style pairs."""
+
+    references_file_id: str | None = Field(None, description="scorer 'reference': an uploaded file of purpose 'references' ({'text', 'title'?} per line).")
+
+
 class MethodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: MethodType = Field("qdpo", description="qdpo (FP answer chosen, quantized answer rejected), dpo (your preference pairs), kd (distillation baseline), rlaif, factuality.")
     hyperparameters: Hyperparameters | None = None
     rlaif: RLAIFSettings | None = Field(None, description="Only for type 'rlaif'.")
-    factuality: FactualitySettings | None = Field(None, description="Only for type 'factuality'.")
+    factuality: FactualityOptions | None = Field(None, description="Only for type 'factuality'.")
 
 
 class JobCreate(BaseModel):

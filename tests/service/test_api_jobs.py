@@ -76,6 +76,12 @@ def test_job_with_uploaded_files(http):
         ({"unexpected": 1}, 422, "invalid_request", "unexpected"),
         ({"dataset": {"file_id": "file_doesnotexist"}}, 404, "file_not_found", "dataset.file_id"),
         ({"dataset": {"eval_file_id": "file_doesnotexist"}}, 404, "file_not_found", "dataset.eval_file_id"),
+        ({"method": {"type": "rlaif", "rlaif": {"labeler": {"kind": "bogus"}}}}, 422, "invalid_spec", "method.rlaif.labeler.kind"),
+        ({"method": {"type": "rlaif", "rlaif": {"labeler": {"model": "/srv/private-model"}}}}, 422, "model_not_available", "method.rlaif.labeler.model"),
+        ({"eval": {"judge": {"kind": "openai", "base_url": "http://x/v1", "api_key_env": "QDPO_DATABASE_URL"}}}, 422, "invalid_spec", "eval.judge.api_key_env"),
+        ({"method": {"type": "factuality", "factuality": {"scorer": "reference"}}}, 422, "invalid_spec", "method.factuality.references_file_id"),
+        ({"method": {"type": "factuality", "factuality": {"references": "/etc/passwd"}}}, 422, "invalid_request", "method.factuality.references"),
+        ({"method": {"type": "factuality", "factuality": {"scorer": "reference", "references_file_id": "file_nope"}}}, 404, "file_not_found", "method.factuality.references_file_id"),
     ],
 )
 def test_bad_job_input_names_the_field_and_stores_nothing(http, body, status, code, param):
@@ -95,6 +101,22 @@ def test_file_purpose_must_match_the_method(http):
     assert "needs a preferences file" in error["message"]
     error = error_of(http.post("/v1/jobs", json={"dataset": {"eval_file_id": pairs}}), 422)
     assert error["param"] == "dataset.eval_file_id"
+
+
+def test_factuality_job_reads_reference_passages_from_an_upload(http):
+    passages = upload(http, jsonl({"text": "Paris is the capital of France.", "title": "Paris"}), purpose="references")
+    assert passages.status_code == 201, passages.text
+    bad = upload(http, jsonl({"title": "no text"}), purpose="references")
+    assert error_of(bad, 422)["lines"] == [{"line": 1, "field": "text", "message": "is missing (each passage needs 'text')"}]
+    prompts = upload(http, jsonl(*PROMPTS)).json()["id"]
+    body = {"method": {"type": "factuality", "factuality": {"scorer": "reference", "references_file_id": prompts}}}
+    error = error_of(http.post("/v1/jobs", json=body), 422)
+    assert (error["code"], error["param"]) == ("wrong_file_purpose", "method.factuality.references_file_id")
+    body["method"]["factuality"]["references_file_id"] = passages.json()["id"]
+    job = http.post("/v1/jobs", json=body)
+    assert job.status_code == 201, job.text
+    assert job.json()["method"]["factuality"]["references_file_id"] == passages.json()["id"]
+    assert "references" not in job.json()["method"]["factuality"]  # no server path is shown
 
 
 def test_body_that_is_not_json(http):
