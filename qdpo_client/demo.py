@@ -39,10 +39,10 @@ from qdpo_client.types import Event
 DEMO_JOB = {
     "model": "smollm2-135m-instruct",
     "quantization": {"method": "rtn", "bits": 3, "group_size": 64},
-    "dataset": {"max_train_prompts": 8, "max_eval_prompts": 4},
-    "generation": {"max_new_tokens": 24},
-    "eval": {"max_new_tokens": 24},
-    "method": {"type": "qdpo", "hyperparameters": {"epochs": 2, "batch_size": 4, "learning_rate": 2e-4}},
+    "dataset": {"max_train_prompts": 16, "max_eval_prompts": 6},
+    "generation": {"max_new_tokens": 32},
+    "eval": {"max_new_tokens": 32},
+    "method": {"type": "qdpo", "hyperparameters": {"epochs": 3, "batch_size": 4, "learning_rate": 3e-4}},
     "suffix": "demo",
     "metadata": {"started_by": "make demo"},
 }
