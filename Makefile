@@ -27,7 +27,7 @@ services:
 	@bash tests/ensure_services.sh
 
 test: install services
-	$(PY) -m pytest -q -x --timeout 900
+	$(PY) -m pytest -q --timeout 900
 
 test-unit: install
 	$(PY) -m pytest -q -m "not service and not e2e"
