@@ -16,7 +16,7 @@ from api import models
 from api.core.errors import ApiError
 from api.schemas.jobs import AdapterInfo, JobCreate, JobPublic, Progress
 from qdpo_core import registry
-from qdpo_core.config import LabelerSpec, PipelineSpec
+from qdpo_core.config import PipelineSpec
 from qdpo_core.errors import SpecError
 
 # Which dataset field of the pipeline a job's uploaded file feeds, by method.

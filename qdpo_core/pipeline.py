@@ -43,8 +43,8 @@ class PipelineResult:
 class ModelHolder:
     """Loads the tokenizer, FP teacher, quantized student and LoRA policy on first use, once."""
 
-    def __init__(self, spec: PipelineSpec, emitter: Emitter):
-        self.spec, self.emitter = spec, emitter
+    def __init__(self, spec: PipelineSpec):
+        self.spec = spec
         self._model_dir = self._tokenizer = self._teacher = self._student = None
         self.policy = None
         self.quant_info = None
@@ -98,7 +98,7 @@ class Run:
         self.spec, self.workdir = spec, workdir
         self.emitter = Emitter(on_event)
         self.should_cancel = should_cancel or (lambda: False)
-        self.models = ModelHolder(spec, self.emitter)
+        self.models = ModelHolder(spec)
 
     # ---- bookkeeping --------------------------------------------------------------------
     def claim_workdir(self) -> None:
@@ -151,7 +151,7 @@ class Run:
 
         train, held_out, summary = prepare_data(self.spec)
         # Unknown or unreachable models (the base, and any local labeler or judge) fail here, before heavy work.
-        self.models.model_dir
+        resolve_model_dir(self.spec.model.name)
         for labeler in self.local_labelers():
             resolve_model_dir(labeler.model)
         write_prepared(self.workdir, train, held_out)
@@ -166,10 +166,9 @@ class Run:
         return [labeler for labeler in labelers if labeler.kind == "local"]
 
     def quantize(self, emitter: Emitter) -> dict:
-        self.models.teacher
-        self.models.student
-        info = self.models.quant_info.to_dict()
         fp_bytes = self.models.teacher.get_memory_footprint()
+        self.models.student  # noqa: B018 - loads (quantizes) the student and fills quant_info
+        info = self.models.quant_info.to_dict()
         emitter.log(f"quantized {info['quantized_layers']} layers: {info['packed_bytes'] / 1e6:.1f} MB at {info['bits']} bits vs {fp_bytes / 1e6:.1f} MB full precision")
         return {**info, "fp_memory_bytes": fp_bytes, "device": self.models.device}
 

@@ -14,7 +14,7 @@ from qdpo_core.generate import Response
 from qdpo_core.labelers.local import LocalLabeler
 from qdpo_core.labelers.openai_api import OpenAILabeler
 from qdpo_core.pairs.base import PairContext, run_source
-from qdpo_core.pairs.factuality import ConsistencyScorer, FactualityPairs, LogprobScorer, ReferenceScorer, score_pairs
+from qdpo_core.pairs.factuality import ConsistencyScorer, FactualityPairs, ReferenceScorer, score_pairs
 from qdpo_core.pipeline import ModelHolder
 from qdpo_core.prompts import builtin_prompts
 from qdpo_core.references import PassageIndex, parse_reference_lines
@@ -157,7 +157,7 @@ def _spec(tiny_model_dir, **factuality):
 
 
 def _ctx(spec, tokenizer, workdir):
-    return PairContext(spec, tokenizer, ModelHolder(spec, Emitter(None)), Emitter(None), workdir)
+    return PairContext(spec, tokenizer, ModelHolder(spec), Emitter(None), workdir)
 
 
 def test_logprob_pairs_on_the_tiny_model_keep_scores_and_respect_the_gap(tiny_model_dir, tokenizer, tmp_path):

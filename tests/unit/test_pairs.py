@@ -15,7 +15,7 @@ from qdpo_core.prompts import builtin_prompts
 
 
 def _ctx(spec, tokenizer, workdir, should_cancel=lambda: False):
-    return PairContext(spec, tokenizer, ModelHolder(spec, Emitter(None)), Emitter(None), workdir, should_cancel)
+    return PairContext(spec, tokenizer, ModelHolder(spec), Emitter(None), workdir, should_cancel)
 
 
 def test_qdpo_pairs_are_fp_chosen_quantized_rejected_and_identical_ones_dropped(tiny_model_dir, tokenizer, tmp_path):

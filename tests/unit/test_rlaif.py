@@ -91,7 +91,7 @@ def _spec(tiny_model_dir, **rlaif):
 
 
 def _ctx(spec, tokenizer, workdir, should_cancel=lambda: False, models=None):
-    return PairContext(spec, tokenizer, models or ModelHolder(spec, Emitter(None)), Emitter(None), workdir, should_cancel)
+    return PairContext(spec, tokenizer, models or ModelHolder(spec), Emitter(None), workdir, should_cancel)
 
 
 def _read(path):
