@@ -1,6 +1,6 @@
 """Quality benchmark: FP vs PTQ-only vs each alignment method, on the built-in held-out prompts.
 
-    python bench/quality.py                                  # nf4 and RTN 3-bit × qdpo, kd, qdpo+kd; rlaif, factuality at 3-bit
+    python bench/quality.py                                  # nf4 and RTN 3-bit × qdpo, kd, qdpo+kd; qdpo+nll, rlaif, factuality at 3-bit
     python bench/quality.py --runs rtn3/qdpo --train-prompts 32 --fresh       # a quicker look
 
 Every run is a normal pipeline run in bench/runs/<quant>-<method> (resumable: rerun to continue,
@@ -29,6 +29,8 @@ METHODS = {
     "qdpo": {"method": "qdpo", "train": {"learning_rate": 1e-4}},
     "kd": {"method": "kd", "train": {"learning_rate": 2e-4}},
     "qdpo+kd": {"method": "qdpo", "train": {"learning_rate": 2e-4, "kd_weight": 0.5}},
+    # RPO-style: DPO plus the NLL of the chosen (FP) answer, which anchors the policy to the FP text.
+    "qdpo+nll": {"method": "qdpo", "train": {"learning_rate": 2e-4, "nll_weight": 1.0}},
     # The labeler is the bundled FP model itself; at 135M it answers "1" whatever it is shown, so the
     # swap-averaged preferences sit near 0.5 and any lean at all has to count (min_confidence 0).
     "rlaif": {"method": "rlaif", "train": {"learning_rate": 1e-4}, "rlaif": {"min_confidence": 0.0}},
@@ -41,8 +43,8 @@ METHODS = {
     # The cheap proxy: mean token log-prob of each answer under the FP model (one forward pass per answer).
     "factuality-logprob": {"method": "factuality", "train": {"learning_rate": 1e-4}, "factuality": {"scorer": "logprob", "num_samples": 3}},
 }
-# The QDPO family and its KD baseline at two bit widths; the feedback methods where the gap is widest.
-DEFAULT_RUNS = "nf4/qdpo,nf4/kd,nf4/qdpo+kd,rtn3/qdpo,rtn3/kd,rtn3/qdpo+kd,rtn3/rlaif,rtn3/factuality"
+# The QDPO family and its KD baseline at two bit widths; RPO and the feedback methods where the gap is widest.
+DEFAULT_RUNS = "nf4/qdpo,nf4/kd,nf4/qdpo+kd,rtn3/qdpo,rtn3/kd,rtn3/qdpo+kd,rtn3/qdpo+nll,rtn3/rlaif,rtn3/factuality"
 COLUMNS = ("token_flip_rate", "kl", "perplexity", "exact_match", "rouge_l", "cosine")
 
 
