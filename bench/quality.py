@@ -4,7 +4,7 @@
     python bench/quality.py --runs rtn3/qdpo --train-prompts 32 --fresh       # a quicker look
 
 Every run is a normal pipeline run in bench/runs/<quant>-<method> (resumable: rerun to continue,
---fresh to start over). Prints one table and writes bench/results/quality.json (+ .md).
+--fresh to start over; --runs-dir keeps runs with other settings apart). Prints one table and writes bench/results/quality.json (+ .md).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def run_one(quant: str, method: str, args) -> dict:
     from qdpo_core.config import PipelineSpec
     from qdpo_core.pipeline import run_pipeline
 
-    workdir = HERE / "runs" / f"{quant}-{method}"
+    workdir = Path(args.runs_dir) / f"{quant}-{method}"
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)
     spec = PipelineSpec.from_dict(spec_for(quant, method, args))
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs first")
     parser.add_argument("--out", default=str(HERE / "results" / "quality.json"))
+    parser.add_argument("--runs-dir", default=str(HERE / "runs"), help="where the run workdirs live (one per setting you compare)")
     args = parser.parse_args(argv)
 
     rows = []
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "fresh")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "runs_dir")}
     machine = {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine()}
     out.write_text(json.dumps({"settings": settings, "machine": machine, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown + "\n")
