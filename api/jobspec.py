@@ -16,7 +16,7 @@ from api import models
 from api.core.errors import ApiError
 from api.schemas.jobs import AdapterInfo, JobCreate, JobPublic, Progress
 from qdpo_core import registry
-from qdpo_core.config import PipelineSpec
+from qdpo_core.config import INPUT_FILE_FIELDS, PipelineSpec
 from qdpo_core.errors import SpecError
 
 # Which dataset field of the pipeline a job's uploaded file feeds, by method.
@@ -33,12 +33,15 @@ class InputFile:
     purpose: str  # the upload purpose the file must have
 
 
-# Keyed by the name stored in Job.inputs.
+# Keyed by the name stored in Job.inputs; where each path sits in the spec is qdpo_core's to say.
 INPUT_FILES = {
-    "prompts": InputFile("dataset", "prompts", "dataset.file_id", "prompts"),
-    "pairs": InputFile("dataset", "pairs", "dataset.file_id", "preferences"),
-    "eval_prompts": InputFile("dataset", "eval_prompts", "dataset.eval_file_id", "prompts"),
-    "references": InputFile("factuality", "references", "method.factuality.references_file_id", "references"),
+    name: InputFile(*INPUT_FILE_FIELDS[name], param, purpose)
+    for name, (param, purpose) in {
+        "prompts": ("dataset.file_id", "prompts"),
+        "pairs": ("dataset.file_id", "preferences"),
+        "eval_prompts": ("dataset.eval_file_id", "prompts"),
+        "references": ("method.factuality.references_file_id", "references"),
+    }.items()
 }
 
 _PREFIXES = (("train.", "method.hyperparameters."), ("rlaif.", "method.rlaif."), ("factuality.", "method.factuality."))

@@ -23,6 +23,13 @@ QUANT_METHODS = ("nf4", "fp4", "int8", "rtn", "none")
 RTN_BITS = (2, 3, 4, 8)
 LOSSES = ("sigmoid", "hinge", "ipo")
 SELECTION_METRICS = ("kl", "token_flip_rate")
+# Settings that hold an input file's path, by input name: (section, field).
+INPUT_FILE_FIELDS = {
+    "prompts": ("dataset", "prompts"),
+    "pairs": ("dataset", "pairs"),
+    "eval_prompts": ("dataset", "eval_prompts"),
+    "references": ("factuality", "references"),
+}
 
 
 def _help(text: str, **kwargs: Any) -> Any:

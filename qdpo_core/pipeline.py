@@ -1,6 +1,6 @@
 """run_pipeline: prepare → quantize → pairs → baseline → train → evaluate → export, resumable per stage.
 
-    from qdpo_core.config import PipelineSpec
+    from qdpo_core.config import INPUT_FILE_FIELDS, PipelineSpec
     from qdpo_core.pipeline import run_pipeline
     result = run_pipeline(PipelineSpec.from_dict({"method": "qdpo"}), "runs/demo", on_event=print)
     result.export_dir  # adapter/ + manifest.json + report.json + report.md
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qdpo_core.config import PipelineSpec
+from qdpo_core.config import INPUT_FILE_FIELDS, PipelineSpec
 from qdpo_core.datasets import load_jsonl, write_jsonl
 from qdpo_core.errors import Cancelled, SpecError
 from qdpo_core.events import STAGES, Emitter, EventCallback
@@ -47,7 +47,7 @@ class ModelHolder:
         self.spec = spec
         self._model_dir = self._tokenizer = self._teacher = self._student = None
         self.policy = None
-        self.quant_info = None
+        self._quant_info = None
         self._device = None
 
     @property
@@ -85,10 +85,20 @@ class ModelHolder:
     @property
     def student(self):
         if self._student is None:
-            from qdpo_core.quantize import load_quantized
-
-            self._student, self.quant_info = load_quantized(self.model_dir, self.spec.quantization, self.device, self.spec.model.dtype)
+            self._load_student()
         return self._student
+
+    @property
+    def quant_info(self):
+        """What quantizing the student did: layers, bits, packed bytes."""
+        if self._quant_info is None:
+            self._load_student()
+        return self._quant_info
+
+    def _load_student(self) -> None:
+        from qdpo_core.quantize import load_quantized
+
+        self._student, self._quant_info = load_quantized(self.model_dir, self.spec.quantization, self.device, self.spec.model.dtype)
 
 
 class Run:
@@ -167,7 +177,6 @@ class Run:
 
     def quantize(self, emitter: Emitter) -> dict:
         fp_bytes = self.models.teacher.get_memory_footprint()
-        self.models.student  # noqa: B018 - loads (quantizes) the student and fills quant_info
         info = self.models.quant_info.to_dict()
         emitter.log(f"quantized {info['quantized_layers']} layers: {info['packed_bytes'] / 1e6:.1f} MB at {info['bits']} bits vs {fp_bytes / 1e6:.1f} MB full precision")
         return {**info, "fp_memory_bytes": fp_bytes, "device": self.models.device}
@@ -357,16 +366,12 @@ class Run:
         return {"files": len(manifest["files"])}
 
 
-# Settings that name input files: a resume compares the files' contents, not their paths (another
-# worker may mount the shared artifact store elsewhere).
-INPUT_FILES = (("dataset", "prompts"), ("dataset", "pairs"), ("dataset", "eval_prompts"), ("factuality", "references"))
-
-
 def _comparable(spec_dict: dict) -> dict:
     """Spec fields that must match to resume: all but the device and input file paths."""
     result = json.loads(json.dumps(spec_dict))
     result["model"].pop("device", None)
-    for section, key in INPUT_FILES:
+    # A resume compares input files by content, not path: another worker may mount the store elsewhere.
+    for section, key in INPUT_FILE_FIELDS.values():
         result[section].pop(key, None)
     return result
 
@@ -375,7 +380,7 @@ def _input_hashes(spec_dict: dict) -> dict:
     from qdpo_core.export import sha256_file
 
     hashes = {}
-    for section, key in INPUT_FILES:
+    for section, key in INPUT_FILE_FIELDS.values():
         value = spec_dict[section].get(key)
         if value:
             path = Path(value)

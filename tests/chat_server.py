@@ -159,8 +159,3 @@ def serve(app: FastAPI):
         sock.close()
 
 
-def free_port() -> int:
-    """A port nothing listens on (for the unreachable-endpoint case)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

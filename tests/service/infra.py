@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
+
+from qdpo_client.demo import free_port
 
 PG_BASE_URL = os.environ.get("QDPO_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("QDPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -64,12 +65,6 @@ def clear_redis_queue(queue: str) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
     client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def settings_env(values: dict) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from qdpo_client import Client
+from qdpo_client.demo import stop_service
 
 from .conftest import TINY_JOB
 from .infra import REPO, free_port, wait_for
@@ -42,12 +42,7 @@ def embedded(tmp_path, tiny_model_dir):
         wait_for(ready, 120, 0.5, what="qdpo serve")
         yield base_url, tmp_path
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_service(process)
         log.close()
 
 

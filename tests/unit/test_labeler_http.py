@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from chat_server import LocalChatModel, create_app, free_port, serve
+from chat_server import LocalChatModel, create_app, serve
+
+from qdpo_client.demo import free_port
 from qdpo_core.config import LabelerSpec
 from qdpo_core.labelers import LabelerBadResponse, LabelerUnavailable
 from qdpo_core.labelers.local import LocalLabeler
