@@ -1,6 +1,6 @@
 """run_pipeline: prepare → quantize → pairs → baseline → train → evaluate → export, resumable per stage.
 
-    from qdpo_core.config import INPUT_FILE_FIELDS, PipelineSpec
+    from qdpo_core.config import PipelineSpec
     from qdpo_core.pipeline import run_pipeline
     result = run_pipeline(PipelineSpec.from_dict({"method": "qdpo"}), "runs/demo", on_event=print)
     result.export_dir  # adapter/ + manifest.json + report.json + report.md
