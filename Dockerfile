@@ -23,10 +23,12 @@ RUN groupadd --system --gid 10001 qdpo \
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY api ./api
+COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations
 COPY qdpo_core ./qdpo_core
 COPY qdpo_client ./qdpo_client
+COPY qdpo_cli ./qdpo_cli
 
 FROM base AS api
 RUN pip install ".[service]"

@@ -9,12 +9,12 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.core.config import Settings
+from service.config import Settings
 from api.core.errors import ApiError
-from api.crud import keys as keys_crud
-from api.models import Tenant
-from api.queue import JobQueue
-from api.storage import ArtifactStore
+from service.crud import keys as keys_crud
+from service.tables import Tenant
+from service.broker import JobQueue
+from service.storage import ArtifactStore
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `qdpo keys create --tenant NAME`.")
 

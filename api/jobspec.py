@@ -8,66 +8,19 @@ names the field the way the client wrote it.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from datetime import datetime
 
-from api import models
 from api.core.errors import ApiError
 from api.schemas.jobs import AdapterInfo, JobCreate, JobPublic, Progress
 from qdpo_core import registry
-from qdpo_core.config import INPUT_FILE_FIELDS, PipelineSpec
+from qdpo_core.config import PipelineSpec
 from qdpo_core.errors import SpecError
+from service import tables as models
+from service.fields import api_message, api_param
+from service.inputs import INPUT_FILES
 
-# Which dataset field of the pipeline a job's uploaded file feeds, by method.
+# Methods whose dataset file holds preference pairs rather than prompts.
 PREFERENCES_METHODS = ("dpo",)
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """An uploaded file a job reads: where its path goes in the spec, and the API field naming it."""
-
-    section: str  # PipelineSpec section the worker writes the file's path into
-    key: str  # field in that section
-    param: str  # the request field carrying the file id
-    purpose: str  # the upload purpose the file must have
-
-
-# Keyed by the name stored in Job.inputs; where each path sits in the spec is qdpo_core's to say.
-INPUT_FILES = {
-    name: InputFile(*INPUT_FILE_FIELDS[name], param, purpose)
-    for name, (param, purpose) in {
-        "prompts": ("dataset.file_id", "prompts"),
-        "pairs": ("dataset.file_id", "preferences"),
-        "eval_prompts": ("dataset.eval_file_id", "prompts"),
-        "references": ("method.factuality.references_file_id", "references"),
-    }.items()
-}
-
-_PREFIXES = (("train.", "method.hyperparameters."), ("rlaif.", "method.rlaif."), ("factuality.", "method.factuality."))
-_RENAMES = {"method": "method.type", "model.name": "model", **{f"{f.section}.{f.key}": f.param for f in INPUT_FILES.values()}}
-
-
-def api_param(spec_param: str | None) -> str | None:
-    """`train.beta` -> `method.hyperparameters.beta`: pipeline field names as the client wrote them."""
-    if spec_param is None:
-        return None
-    if spec_param in _RENAMES:
-        return _RENAMES[spec_param]
-    if spec_param.startswith("model."):
-        return "model"
-    for old, new in _PREFIXES:
-        if spec_param.startswith(old):
-            return new + spec_param[len(old):]
-    return spec_param
-
-
-def api_message(message: str, spec_param: str | None) -> str:
-    """Rewrite the leading `train.beta:` of a pipeline message to the API's field name."""
-    param = api_param(spec_param)
-    if spec_param and param and message.startswith(spec_param):
-        return param + message[len(spec_param):]
-    return re.sub(r"^train\.", "method.hyperparameters.", message)
 
 
 def to_api_error(exc: SpecError) -> ApiError:
@@ -148,13 +101,6 @@ def _check_labelers(raw: dict) -> None:
 
 def _epoch(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value is not None else None
-
-
-def fine_tuned_model_name(job: models.Job) -> str:
-    quant = job.spec["quantization"]
-    bits = f"{quant['bits']}bit" if quant["method"] == "rtn" else ""
-    parts = [job.model, f"{job.method}-{quant['method']}{bits}"] + ([job.suffix] if job.suffix else []) + [job.id]
-    return ":".join(parts)
 
 
 def job_public(job: models.Job) -> JobPublic:

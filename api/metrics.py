@@ -28,7 +28,7 @@ class JobStatusCollector:
         self.sessions = sessions
 
     def collect(self):
-        from api.models import JOB_STATUSES, Job
+        from service.tables import JOB_STATUSES, Job
 
         gauge = GaugeMetricFamily("qdpo_jobs", "Jobs per status (all tenants).", labels=["status"])
         try:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from api.core.config import get_settings
-from api.core.db import make_engine
-from api.models import Base
+from service.config import get_settings
+from service.db import make_engine
+from service.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -27,10 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qdpo_core.config import INPUT_FILE_FIELDS, PipelineSpec
-from qdpo_core.datasets import load_jsonl, write_jsonl
+from qdpo_core.config import PipelineSpec
+from qdpo_core.datasets import load_jsonl
 from qdpo_core.errors import Cancelled, SpecError
 from qdpo_core.events import STAGES, Emitter, EventCallback
+from qdpo_core.heldout import HeldOutEvaluator
+from qdpo_core.holder import ModelHolder
+from qdpo_core.workdir import WorkDir
+
+
+__all__ = ["ModelHolder", "PipelineResult", "run_pipeline"]
 
 
 @dataclass
@@ -38,67 +44,6 @@ class PipelineResult:
     export_dir: Path
     report: dict
     manifest: dict
-
-
-class ModelHolder:
-    """Loads the tokenizer, FP teacher, quantized student and LoRA policy on first use, once."""
-
-    def __init__(self, spec: PipelineSpec):
-        self.spec = spec
-        self._model_dir = self._tokenizer = self._teacher = self._student = None
-        self.policy = None
-        self._quant_info = None
-        self._device = None
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            from qdpo_core.models import resolve_device
-
-            self._device = resolve_device(self.spec.model.device)
-        return self._device
-
-    @property
-    def model_dir(self) -> Path:
-        if self._model_dir is None:
-            from qdpo_core.models import resolve_model_dir
-
-            self._model_dir = resolve_model_dir(self.spec.model.name)
-        return self._model_dir
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from qdpo_core.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.model_dir)
-        return self._tokenizer
-
-    @property
-    def teacher(self):
-        if self._teacher is None:
-            from qdpo_core.models import load_full_precision
-
-            self._teacher = load_full_precision(self.model_dir, self.device, self.spec.model.dtype)
-        return self._teacher
-
-    @property
-    def student(self):
-        if self._student is None:
-            self._load_student()
-        return self._student
-
-    @property
-    def quant_info(self):
-        """What quantizing the student did: layers, bits, packed bytes."""
-        if self._quant_info is None:
-            self._load_student()
-        return self._quant_info
-
-    def _load_student(self) -> None:
-        from qdpo_core.quantize import load_quantized
-
-        self._student, self._quant_info = load_quantized(self.model_dir, self.spec.quantization, self.device, self.spec.model.dtype)
 
 
 class Run:
@@ -109,27 +54,12 @@ class Run:
         self.emitter = Emitter(on_event)
         self.should_cancel = should_cancel or (lambda: False)
         self.models = ModelHolder(spec)
+        self.dir = WorkDir(workdir)
+        self.evaluator = HeldOutEvaluator(spec, workdir, self.models, self.cancel_check)
 
     # ---- bookkeeping --------------------------------------------------------------------
-    def claim_workdir(self) -> None:
-        """Bind the work directory to this spec; a resume must bring the same settings and input files."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / "spec.json"
-        spec = self.spec.to_dict()
-        wanted = {"settings": _comparable(spec), "inputs": _input_hashes(spec)}
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            if {"settings": _comparable(stored["spec"]), "inputs": stored["inputs_sha256"]} != wanted:
-                raise SpecError("workdir: the directory holds a run of a different spec or different input files; use a new directory to start over", param="workdir")
-        else:
-            path.write_text(json.dumps({"spec": spec, "inputs_sha256": wanted["inputs"]}, indent=1))
-
-    def marker(self, stage: str) -> Path:
-        return self.workdir / "stages" / f"{stage}.json"
-
     def done(self, stage: str) -> dict | None:
-        path = self.marker(stage)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self.dir.done(stage)
 
     def run_stage(self, stage: str, body: Callable[[Emitter], dict]) -> dict:
         previous = self.done(stage)
@@ -142,11 +72,7 @@ class Run:
         started = time.monotonic()
         summary = body(emitter)
         summary["seconds"] = round(time.monotonic() - started, 2)
-        path = self.marker(stage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(path)
+        self.dir.finish(stage, summary)
         emitter.emit("stage", "finished", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
         return summary
 
@@ -212,72 +138,18 @@ class Run:
             )
         return summary
 
-    def held_out(self, emitter: Emitter | None = None):
-        """Held-out prompts with FP answers (generated once, then read back)."""
-        from qdpo_core.evaluate import HeldOut
-        from qdpo_core.tokens import encode_prompt
-
-        path = self.workdir / "baseline" / "fp_responses.jsonl"
-        if not path.is_file():
-            records = load_jsonl(self.workdir / "data" / "eval.jsonl")
-            prompts = [encode_prompt(self.models.tokenizer, r["messages"], self.spec.dataset.max_prompt_tokens).ids for r in records]
-            answers = self._answers(self.models.teacher, prompts, "FP answers", emitter)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl(path, [{"messages": r["messages"], "prompt_ids": p, "ids": a.ids, "text": a.text, "finished": a.finished} for r, p, a in zip(records, prompts, answers)])
-        rows = load_jsonl(path)
-        return HeldOut([r["prompt_ids"] for r in rows], [r["ids"] for r in rows], [r["text"] for r in rows]), rows
-
-    def _answers(self, model, prompts, label: str, emitter: Emitter | None):
-        from qdpo_core.generate import Decoding, generate_all
-
-        def tick(number: int, total: int) -> None:
-            if emitter:
-                emitter.progress(number, total, f"{label}: batch {number}/{total}")
-            self.cancel_check()
-
-        decoding = Decoding(max_new_tokens=self.spec.eval.max_new_tokens)
-        return generate_all(model, self.models.tokenizer, prompts, decoding, self.spec.eval.batch_size, on_batch=tick)
-
-    def score(self, model, answers_path: Path, label: str, emitter: Emitter) -> dict:
-        """All held-out metrics of `model` (greedy answers cached at answers_path)."""
-        from qdpo_core.evaluate import agreement_metrics, teacher_forced_metrics
-
-        held_out, rows = self.held_out(emitter)
-        if model is self.models.teacher:  # the FP answers are the reference itself
-            write_jsonl(answers_path, [{"text": r["text"], "finished": r["finished"]} for r in rows])
-        if not answers_path.is_file():
-            answers = self._answers(model, held_out.prompts, label, emitter)
-            write_jsonl(answers_path, [{"text": a.text, "finished": a.finished} for a in answers])
-        texts = [r["text"] for r in load_jsonl(answers_path)]
-        metrics = teacher_forced_metrics(model, self.models.teacher, held_out, self.spec.eval.batch_size, self.models.tokenizer.pad_token_id)
-        metrics.update(agreement_metrics(held_out.fp_texts, texts, self._embedder()))
-        return metrics
-
-    def _embedder(self):
-        if not self.spec.eval.semantic_similarity:
-            return None
-        from qdpo_core.semantic import embed
-
-        return embed
-
     def baseline(self, emitter: Emitter) -> dict:
-        fp = self.score(self.models.teacher, self.workdir / "baseline" / "fp_self.jsonl", "FP answers", emitter)
-        ptq = self.score(self.models.student, self.workdir / "baseline" / "ptq_responses.jsonl", "PTQ-only answers", emitter)
+        fp = self.evaluator.score(self.models.teacher, self.workdir / "baseline" / "fp_self.jsonl", "FP answers", emitter)
+        ptq = self.evaluator.score(self.models.student, self.workdir / "baseline" / "ptq_responses.jsonl", "PTQ-only answers", emitter)
         emitter.log(f"PTQ-only: token-flip rate {ptq['token_flip_rate']:.1%}, KL {ptq['kl']:.4f} nats/token", fp=fp, ptq=ptq)
         return {"fp": fp, "ptq": ptq}
 
     def train(self, emitter: Emitter) -> dict:
-        from qdpo_core.evaluate import teacher_forced_metrics
         from qdpo_core.train import Trainer, make_policy
 
         baseline = self.done("baseline")
         examples = load_jsonl(self.workdir / "pairs.jsonl")
-        held_out, _ = self.held_out()
         policy = self.models.policy = make_policy(self.models.student, self.spec.train, self.spec.seed)
-        pad_id = self.models.tokenizer.pad_token_id
-
-        def evaluate(model) -> dict:
-            return teacher_forced_metrics(model, self.models.teacher, held_out, self.spec.eval.batch_size, pad_id)
 
         trainer = Trainer(
             policy,
@@ -287,7 +159,7 @@ class Run:
             self.spec.train,
             "kd" if self.spec.method == "kd" else "dpo",
             self.workdir / "train",
-            evaluate,
+            self.evaluator.teacher_forced,
             {k: baseline["ptq"][k] for k in ("token_flip_rate", "kl", "perplexity")},
             emitter,
             self.should_cancel,
@@ -303,9 +175,9 @@ class Run:
 
         trained = self.done("train")
         aligned_model = self._aligned_policy(self.workdir / trained["best_dir"])
-        aligned = self.score(aligned_model, self.workdir / "evaluate" / "aligned_responses.jsonl", "aligned answers", emitter)
+        aligned = self.evaluator.score(aligned_model, self.workdir / "evaluate" / "aligned_responses.jsonl", "aligned answers", emitter)
         baseline = self.done("baseline")
-        _, rows = self.held_out()
+        _, rows = self.evaluator.held_out()
         ptq_texts = [r["text"] for r in load_jsonl(self.workdir / "baseline" / "ptq_responses.jsonl")]
         aligned_texts = [r["text"] for r in load_jsonl(self.workdir / "evaluate" / "aligned_responses.jsonl")]
         samples = [
@@ -366,28 +238,6 @@ class Run:
         return {"files": len(manifest["files"])}
 
 
-def _comparable(spec_dict: dict) -> dict:
-    """Spec fields that must match to resume: all but the device and input file paths."""
-    result = json.loads(json.dumps(spec_dict))
-    result["model"].pop("device", None)
-    # A resume compares input files by content, not path: another worker may mount the store elsewhere.
-    for section, key in INPUT_FILE_FIELDS.values():
-        result[section].pop(key, None)
-    return result
-
-
-def _input_hashes(spec_dict: dict) -> dict:
-    from qdpo_core.export import sha256_file
-
-    hashes = {}
-    for section, key in INPUT_FILE_FIELDS.values():
-        value = spec_dict[section].get(key)
-        if value:
-            path = Path(value)
-            hashes[f"{section}.{key}"] = sha256_file(path) if path.is_file() else None
-    return hashes
-
-
 def run_pipeline(
     spec: PipelineSpec,
     workdir: str | Path,
@@ -396,7 +246,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run (or resume) every stage; raises Cancelled when should_cancel() turns true between steps."""
     run = Run(spec, Path(workdir), on_event, should_cancel)
-    run.claim_workdir()
+    run.dir.claim(spec)
     for stage in STAGES:
         run.run_stage(stage, getattr(run, stage))
     export_dir = run.workdir / "export"

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -41,6 +41,31 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "best_dir": str(self.best_dir)}
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands; saved in every checkpoint (trainer_state.json) for an exact resume."""
+
+    total_steps: int
+    global_step: int = 0
+    epoch: int = 0
+    position: int = 0  # micro-batches of the current epoch already done
+    finished: bool = False
+    stopped_early: bool = False
+    best_step: int = 0  # 0 = the starting adapter (PTQ-only with an identity init)
+    best_metrics: dict = field(default_factory=dict)
+    evals_without_improvement: int = 0
+    checkpoint_evals: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def make_policy(student, spec: TrainSpec, seed: int):
@@ -183,15 +208,15 @@ class Trainer:
         state = self._initial_state()
         latest = ckpt.latest_checkpoint(self.checkpoints)
         if latest is not None:
-            state = ckpt.load_checkpoint(latest, self.policy, optimizer, scheduler)
-            self.emitter.log(f"resuming training from checkpoint at step {state['global_step']}", step=state["global_step"])
+            state = TrainState.from_dict(ckpt.load_checkpoint(latest, self.policy, optimizer, scheduler))
+            self.emitter.log(f"resuming training from checkpoint at step {state.global_step}", step=state.global_step)
         elif not (self.best_dir / "adapter_model.safetensors").is_file():
             # Step 0 = the PTQ-only model (LoRA B starts at zero): the floor the export never goes below.
             self.policy.save_pretrained(self.best_dir)
         self.policy.train()
         step_times: list[float] = []
-        while not state["finished"]:
-            epoch, position = state["epoch"], state["position"]
+        while not state.finished:
+            epoch, position = state.epoch, state.position
             micro_batches = self.epoch_order(epoch)
             accumulation = spec.gradient_accumulation_steps
             while position < len(micro_batches):
@@ -208,83 +233,71 @@ class Trainer:
                 optimizer.step()
                 scheduler.step()
                 position += len(group)
-                state["global_step"] += 1
-                state["epoch"], state["position"] = epoch, position
-                step = state["global_step"]
+                state.global_step += 1
+                state.epoch, state.position = epoch, position
+                step = state.global_step
                 step_times.append(time.monotonic() - started)
                 record = {"step": step, "epoch": epoch + position / len(micro_batches), "learning_rate": scheduler.get_last_lr()[0], **totals}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
-                state["history"].append(record)
+                state.history.append(record)
                 eta = (sum(step_times[-10:]) / len(step_times[-10:])) * (self.total_steps - step)
                 self.emitter.emit("metrics", f"step {step}/{self.total_steps} loss {record['loss']:.4f}", step=step, total=self.total_steps, eta_seconds=round(eta, 1), **{k: v for k, v in record.items() if k != "step"})
                 epoch_end = position >= len(micro_batches)
                 if epoch_end:
-                    state["epoch"], state["position"] = epoch + 1, 0
-                    state["finished"] = state["epoch"] >= spec.epochs
+                    state.epoch, state.position = epoch + 1, 0
+                    state.finished = state.epoch >= spec.epochs
                 due = epoch_end or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
                 if due:
                     self._checkpoint(state, optimizer, scheduler)
-                    if state["finished"]:
+                    if state.finished:
                         break
                 if self.should_cancel():
                     if not due:
                         self._save(state, optimizer, scheduler)
                     raise Cancelled(f"cancelled at training step {step}; checkpoint saved")
-                if state["finished"]:
+                if state.finished:
                     break
-            if state["stopped_early"]:
+            if state.stopped_early:
                 break
         return TrainResult(
-            best_step=state["best_step"],
-            best_metrics=state["best_metrics"],
+            best_step=state.best_step,
+            best_metrics=state.best_metrics,
             best_dir=self.best_dir,
-            steps=state["global_step"],
+            steps=state.global_step,
             total_steps=self.total_steps,
-            stopped_early=state["stopped_early"],
-            checkpoint_evals=state["checkpoint_evals"],
-            history=state["history"],
+            stopped_early=state.stopped_early,
+            checkpoint_evals=state.checkpoint_evals,
+            history=state.history,
         )
 
-    def _initial_state(self) -> dict:
-        return {
-            "global_step": 0,
-            "epoch": 0,
-            "position": 0,
-            "finished": False,
-            "stopped_early": False,
-            "best_step": 0,
-            "best_metrics": dict(self.baseline),
-            "evals_without_improvement": 0,
-            "checkpoint_evals": [],
-            "history": [],
-            "total_steps": self.total_steps,
-        }
+    def _initial_state(self) -> TrainState:
+        return TrainState(total_steps=self.total_steps, best_metrics=dict(self.baseline))
 
-    def _save(self, state: dict, optimizer, scheduler) -> Path:
-        return ckpt.save_checkpoint(self.checkpoints, state["global_step"], self.policy, optimizer, scheduler, state)
+    def _save(self, state: TrainState, optimizer, scheduler) -> Path:
+        return ckpt.save_checkpoint(self.checkpoints, state.global_step, self.policy, optimizer, scheduler, state.to_dict())
 
-    def _checkpoint(self, state: dict, optimizer, scheduler) -> None:
+    def _checkpoint(self, state: TrainState, optimizer, scheduler) -> None:
         """Score the current adapter on held-out data, keep it if best, stop early if it keeps losing."""
-        step = state["global_step"]
+        step = state.global_step
         is_best, metrics = False, {}
         if self.spec.select_best and self.evaluate is not None:
             metrics = self.evaluate(self.policy)
             key = self.spec.selection_metric
-            if metrics[key] < state["best_metrics"].get(key, math.inf):
+            if metrics[key] < state.best_metrics.get(key, math.inf):
                 is_best = True
-                state["best_step"], state["best_metrics"] = step, metrics
-                state["evals_without_improvement"] = 0
+                state.best_step, state.best_metrics = step, metrics
+                state.evals_without_improvement = 0
             else:
-                state["evals_without_improvement"] += 1
+                state.evals_without_improvement += 1
             patience = self.spec.early_stopping_patience
-            if patience and state["evals_without_improvement"] >= patience and not state["finished"]:
-                state["finished"] = state["stopped_early"] = True
-                self.emitter.warn(f"stopping early at step {step}: {key} has not improved for {patience} evaluations (best at step {state['best_step']})")
-            state["checkpoint_evals"].append({"step": step, "metrics": metrics, "is_best": is_best})
+            if patience and state.evals_without_improvement >= patience and not state.finished:
+                state.finished = state.stopped_early = True
+                self.emitter.warn(f"stopping early at step {step}: {key} has not improved for {patience} evaluations (best at step {state.best_step})")
+            state.checkpoint_evals.append({"step": step, "metrics": metrics, "is_best": is_best})
         elif not self.spec.select_best:
             is_best = True
-            state["best_step"] = step
+            state.best_step = step
         self.policy.train()
         path = self._save(state, optimizer, scheduler)
         if is_best:

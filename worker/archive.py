@@ -11,7 +11,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from api.storage import sha256_of
+from service.storage import sha256_of
 
 
 def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:

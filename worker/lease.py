@@ -11,8 +11,8 @@ import logging
 import threading
 import time
 
-from api.core.db import session_factory
-from api.crud import jobs as jobs_crud
+from service.db import session_factory
+from service.crud import jobs as jobs_crud
 
 log = logging.getLogger(__name__)
 

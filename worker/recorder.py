@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
-from api.core.db import session_scope
-from api.crud import events as events_crud
-from api.crud import jobs as jobs_crud
+from service.db import session_scope
+from service.crud import events as events_crud
+from service.crud import jobs as jobs_crud
 from qdpo_core.events import STAGES, Event
 
 log = logging.getLogger(__name__)

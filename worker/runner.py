@@ -16,16 +16,17 @@ import shutil
 import socket
 from dataclasses import dataclass
 
-from api.core.config import Settings
-from api.core.db import session_factory
-from api.crud import events as events_crud
-from api.crud import files as files_crud
-from api.crud import jobs as jobs_crud
-from api.jobspec import INPUT_FILES, api_message, api_param, fine_tuned_model_name
-from api.models import CANCELLED, FAILED, SUCCEEDED, Job
-from api.storage import ArtifactStore
+from service.config import Settings
+from service.db import session_factory
+from service.crud import events as events_crud
+from service.crud import jobs as jobs_crud
+from service.fields import api_message, api_param, fine_tuned_model_name
+from service.inputs import resolve_inputs, spec_with_inputs
+from service.tables import CANCELLED, FAILED, SUCCEEDED, Job
+from service.storage import ArtifactStore
 from qdpo_core.config import PipelineSpec
-from qdpo_core.errors import Cancelled, DataError, QdpoError
+from qdpo_core.errors import Cancelled, QdpoError
+from service.errors import ServiceError
 from worker.archive import build_archive
 from worker.lease import Lease
 from worker.recorder import EventRecorder
@@ -33,7 +34,7 @@ from worker.recorder import EventRecorder
 log = logging.getLogger(__name__)
 
 # The block list: errors that would happen again on a retry. Everything else is retried.
-NOT_RETRIED = (QdpoError, MemoryError)
+NOT_RETRIED = (QdpoError, ServiceError, MemoryError)
 
 
 @dataclass
@@ -96,14 +97,9 @@ class JobRunner:
         return self._succeeded(job, result)
 
     def _spec(self, job: Job) -> PipelineSpec:
-        spec = {key: (dict(value) if isinstance(value, dict) else value) for key, value in job.spec.items()}
         with self.sessions() as session:
-            for field, file_id in (job.inputs or {}).items():
-                wanted = INPUT_FILES[field]
-                record = files_crud.get_file(session, tenant_id=job.tenant_id, file_id=file_id)
-                if record is None:
-                    raise DataError(f"{wanted.param}: file {file_id} was deleted before the job ran", param=wanted.param)
-                spec[wanted.section] = {**spec.get(wanted.section, {}), wanted.key: str(self.store.absolute(record.path))}
+            paths = resolve_inputs(session, self.store, tenant_id=job.tenant_id, inputs=job.inputs or {})
+        spec = spec_with_inputs(job.spec, paths)
         if self.settings.device != "auto":
             spec["model"] = {**spec["model"], "device": self.settings.device}
         return PipelineSpec.from_dict(spec)
@@ -113,6 +109,9 @@ class JobRunner:
             log.info("job %s failed: %s", job.id, exc)
             error = user_error(exc)
             return self._finish(job, FAILED, error["message"], error=error)
+        if isinstance(exc, ServiceError):  # an input file vanished or changed: a retry would meet it again
+            log.info("job %s failed: %s", job.id, exc)
+            return self._finish(job, FAILED, exc.message, error=exc.to_dict())
         if _is_out_of_memory(exc):
             error = out_of_memory_error(exc)
             return self._finish(job, FAILED, error["message"], error=error)
@@ -128,18 +127,17 @@ class JobRunner:
         return self._finish(job, FAILED, error["message"], error=error)
 
     def _succeeded(self, job: Job, result) -> str:
-        job_dir = self.store.job_dir(job.tenant_id, job.id)
-        size, sha256 = build_archive(result.export_dir, job_dir / "adapter.tar.gz")
+        relative = self.store.adapter_relpath(job.tenant_id, job.id)
+        size, sha256 = build_archive(result.export_dir, self.store.absolute(relative))
         report_md = result.export_dir / "report.md"
         if report_md.is_file():
-            shutil.copyfile(report_md, job_dir / "report.md")
-        relative = f"{self.store.job_relpath(job.tenant_id, job.id)}/adapter.tar.gz"
+            shutil.copyfile(report_md, self.store.report_markdown(job.tenant_id, job.id))
         with self.sessions() as session:
             events_crud.mark_selected_checkpoint(session, job_pk=job.pk, step=(result.report or {}).get("selected_checkpoint"))
             session.commit()
         return self._finish(
             job, SUCCEEDED, f"succeeded; adapter {size:,} bytes, sha256 {sha256[:12]}…",
-            report=result.report, adapter_path=relative, adapter_sha256=sha256, adapter_bytes=size, fine_tuned_model=fine_tuned_model_name(job),
+            report=result.report, adapter_path=relative, adapter_sha256=sha256, adapter_bytes=size, fine_tuned_model=fine_tuned_model_name(model=job.model, method=job.method, quantization=job.spec["quantization"], suffix=job.suffix, job_id=job.id),
         )
 
     def _finish(self, job: Job, status: str, message: str, **values) -> str:

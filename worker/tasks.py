@@ -6,8 +6,8 @@ import logging
 
 from celery import shared_task
 
-from api.core.config import get_settings
-from worker.celery_app import TASK_NAME
+from service.config import get_settings
+from service.broker import TASK_NAME
 from worker.runner import JobRunner, RetryLater
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 """One error shape for every failure: {"error": {"code", "message", "param", ...}}.
 
-Routes raise `ApiError`; FastAPI's own validation errors and HTTP exceptions are rewritten into the
-same envelope, with `param` as the dotted path of the offending field (`method.hyperparameters.beta`)
-so a client can point at it without parsing the message.
+Routes raise `ApiError`; the service layer raises its domain errors (`service.errors`), which are
+mapped to HTTP here and nowhere else; FastAPI's own validation errors and HTTP exceptions are
+rewritten into the same envelope, with `param` as the dotted path of the offending field
+(`method.hyperparameters.beta`) so a client can point at it without parsing the message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,15 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, "param": self.param, **self.extra}}
 
 
-def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
-    # The same answer whether the object never existed or belongs to another tenant.
-    return ApiError(404, f"{kind}_not_found", f"no {kind} with id {object_id!r}", param=param or f"{kind}_id")
+# The one place domain errors become HTTP statuses.
+STATUS_OF = {InvalidInput: 422, NotFound: 404, Conflict: 409, Unavailable: 503}
+
+
+def status_of(exc: ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return 500
 
 
 def error_response(status_code: int, code: str, message: str, param: str | None = None, headers: dict | None = None, **extra) -> JSONResponse:
@@ -49,6 +58,11 @@ def _field_path(loc: tuple | list) -> str | None:
 
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=exc.headers)
+
+
+async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    return JSONResponse(status_code=status_of(exc), content={"error": exc.to_dict()}, headers=headers)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -84,6 +98,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

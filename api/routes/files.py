@@ -11,14 +11,15 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
 from api import metrics
-from api.core.errors import ApiError, not_found
-from api.core.security import new_id
-from api.crud import files as files_crud
+from api.core.errors import ApiError
+from service.errors import not_found
+from service.security import new_id
+from service.crud import files as files_crud
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from api.models import File
+from service.tables import File
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.files import FilePublic, FilePurpose
-from api.storage import CHUNK
+from service.storage import CHUNK
 from qdpo_core.datasets import parse_lines
 from qdpo_core.errors import DataError
 

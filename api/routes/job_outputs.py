@@ -13,9 +13,9 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.core.errors import ApiError
-from api.crud import events as events_crud
+from service.crud import events as events_crud
 from api.deps import CurrentTenant, SessionDep, StoreDep
-from api.models import SUCCEEDED, TERMINAL_STATUSES, Job, JobEvent
+from service.tables import SUCCEEDED, TERMINAL_STATUSES, Job, JobEvent
 from api.routes.jobs import get_tenant_job
 from api.schemas.common import Page, error_responses
 from api.schemas.jobs import CheckpointList, CheckpointPublic, EventPublic, MetricList, MetricPublic
@@ -114,7 +114,7 @@ def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep, store: S
     job = get_tenant_job(session, tenant, job_id)
     _require_success(job, "report")
     if format == "markdown":
-        path = store.job_dir(job.tenant_id, job.id) / "report.md"
+        path = store.report_markdown(job.tenant_id, job.id)
         return PlainTextResponse(path.read_text(encoding="utf-8") if path.is_file() else "", media_type="text/markdown")
     return job.report
 

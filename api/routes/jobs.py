@@ -8,14 +8,15 @@ from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.exc import IntegrityError
 
 from api import metrics
-from api.core.errors import ApiError, not_found
-from api.core.security import new_id
-from api.crud import files as files_crud
-from api.crud import jobs as jobs_crud
+from api.core.errors import ApiError
+from service.errors import not_found
+from service.security import new_id
+from service.crud import jobs as jobs_crud
 from api.deps import CurrentTenant, QueueDep, SessionDep, StoreDep
-from api.dispatch import validate_and_queue
-from api.jobspec import INPUT_FILES, build_spec, job_public
-from api.models import TERMINAL_STATUSES, VALIDATING, Job
+from service.dispatch import validate_and_queue
+from api.jobspec import build_spec, job_public
+from service.inputs import resolve_inputs
+from service.tables import TERMINAL_STATUSES, VALIDATING, Job
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
 
@@ -27,19 +28,6 @@ def get_tenant_job(session, tenant, job_id: str) -> Job:
     if job is None:
         raise not_found("job", job_id)
     return job
-
-
-def _check_inputs(session, tenant_id: str, method: str, inputs: dict) -> None:
-    """Every referenced file exists for this tenant and has the purpose its role needs."""
-    for field, file_id in inputs.items():
-        wanted = INPUT_FILES[field]
-        param = wanted.param
-        record = files_crud.get_file(session, tenant_id=tenant_id, file_id=file_id)
-        if record is None:
-            raise ApiError(404, "file_not_found", f"{param}: no file with id {file_id!r}; upload one with POST /v1/files", param)
-        if record.purpose != wanted.purpose:
-            role = {"eval_prompts": "evaluation prompts", "references": "reference passages"}.get(field, f"method {method!r}")
-            raise ApiError(422, "wrong_file_purpose", f"{param}: {file_id} is a {record.purpose} file but {role} needs a {wanted.purpose} file", param)
 
 
 @router.post("", status_code=201, response_model=JobPublic, responses=error_responses(401, 404, 422))
@@ -57,7 +45,7 @@ def create_job(
         response.status_code = 200
         return job_public(earlier)
     spec, inputs = build_spec(body)
-    _check_inputs(session, tenant.id, spec["method"], inputs)
+    resolve_inputs(session, store, tenant_id=tenant.id, inputs=inputs)
     job = Job(
         id=new_id("job"), tenant_id=tenant.id, status=VALIDATING, model=body.model, method=spec["method"], spec=spec, inputs=inputs,
         request=body.model_dump(exclude_none=True), suffix=body.suffix, metadata_=body.metadata or {}, idempotency_key=idempotency_key,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.core.errors import not_found
+from service.errors import not_found
 from api.deps import CurrentTenant
 from api.schemas.common import error_responses
 from api.schemas.models import ModelList, ModelPublic

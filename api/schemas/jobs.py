@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.models import JOB_STATUSES
+from service.tables import JOB_STATUSES
 from api.schemas.spec_models import (
     DatasetOptions,
     EvalSettings,

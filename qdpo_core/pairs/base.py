@@ -29,7 +29,7 @@ CHUNK_MARKER = "_chunk_done"
 class PairContext:
     spec: PipelineSpec
     tokenizer: Any
-    models: Any  # pipeline.ModelHolder: .teacher and .student load on first use
+    models: Any  # holder.ModelHolder: .teacher and .student load on first use
     emitter: Emitter
     workdir: Path
     should_cancel: Callable[[], bool] = lambda: False

@@ -26,8 +26,8 @@ TINY_JOB = {
 
 
 def _deployment(name: str, tmp_path_factory, overrides: dict) -> tuple[Deployment, list]:
-    from api.core.config import Settings
-    from api.core.migrate import upgrade
+    from service.config import Settings
+    from service.migrate import upgrade
     from api.main import create_app
 
     db_name, db_url = create_database(f"qdpo_test_{name}")

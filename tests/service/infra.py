@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from qdpo_client.demo import free_port
+from qdpo_cli.demo import free_port
 
 PG_BASE_URL = os.environ.get("QDPO_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("QDPO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -113,7 +113,7 @@ class WorkerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         name = f"test-{secrets.token_hex(3)}@%h"
-        self.process = subprocess.Popen([sys.executable, "-m", "qdpo_client.cli", "worker", "--loglevel=INFO", f"--hostname={name}"], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "worker", "--loglevel=INFO", f"--hostname={name}"], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for(lambda: self._ready(offset), timeout, 0.3, what=f"the worker to start (log: {self.log_path})")
         return self
@@ -159,14 +159,14 @@ class Deployment:
         return Client(self.base_url, api_key=key or self.admin_key, max_retries=1, timeout=60)
 
     def new_key(self, tenant: str) -> str:
-        from api.core.db import session_factory
-        from api.crud.keys import create_key
+        from service.db import session_factory
+        from service.crud.keys import create_key
 
         with session_factory(self.settings.resolved_database_url)() as session:
             return create_key(session, tenant_name=tenant)[1]
 
     def sessions(self):
-        from api.core.db import session_factory
+        from service.db import session_factory
 
         return session_factory(self.settings.resolved_database_url)()
 

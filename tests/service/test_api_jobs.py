@@ -16,7 +16,7 @@ def http(api_deployment, tenant_key):
 
 
 def test_create_fills_every_default_and_queues(http, api_deployment):
-    from api.queue import JobQueue
+    from service.broker import JobQueue
 
     depth_before = JobQueue(api_deployment.settings).depth() or 0
     body = {

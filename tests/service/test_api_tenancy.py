@@ -30,8 +30,8 @@ def test_requests_without_a_valid_key_get_401(api_deployment, tenant_key):
 
 
 def test_a_revoked_key_stops_working(api_deployment):
-    from api.core.db import session_factory
-    from api.crud import keys as keys_crud
+    from service.db import session_factory
+    from service.crud import keys as keys_crud
 
     with session_factory(api_deployment.settings.resolved_database_url)() as session:
         record, key = keys_crud.create_key(session, tenant_name=f"revoked-{secrets.token_hex(3)}")
@@ -45,8 +45,8 @@ def test_a_revoked_key_stops_working(api_deployment):
 def test_keys_are_stored_hashed(api_deployment):
     from sqlalchemy import select
 
-    from api.core.db import session_factory
-    from api.models import ApiKey
+    from service.db import session_factory
+    from service.tables import ApiKey
 
     key = api_deployment.new_key(f"hashed-{secrets.token_hex(3)}")
     with session_factory(api_deployment.settings.resolved_database_url)() as session:

@@ -18,7 +18,7 @@ def qdpo(deployment, *args: str, key: str | None = None) -> subprocess.Completed
     env = {**deployment.env, "QDPO_BASE_URL": deployment.base_url, "COLUMNS": "200"}
     if key:
         env["QDPO_API_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "qdpo_client.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "qdpo_cli.main", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_keys_create_list_revoke(api_deployment):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.core.config import Settings
+from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 # Read by qdpo_core (model cache location), not by the service's Settings.
@@ -71,7 +71,7 @@ def _commands(compose, dockerfile) -> list[list[str]]:
 
 
 def test_every_qdpo_command_parses(compose, dockerfile):
-    from qdpo_client.cli import build_parser
+    from qdpo_cli.main import build_parser
 
     commands = _commands(compose, dockerfile)
     assert {c[1] for c in commands} == {"migrate", "api", "worker"}
@@ -83,7 +83,7 @@ def test_every_qdpo_command_parses(compose, dockerfile):
 def test_healthcheck_modules_and_celery_app_exist(compose, dockerfile, monkeypatch, tmp_path):
     import importlib
 
-    from api.core import config
+    from service import config
 
     texts = [" ".join(s["healthcheck"]["test"]) for s in compose["services"].values() if "healthcheck" in s] + re.findall(r"CMD (celery .*)$", dockerfile, flags=re.M)
     apps = {m for text in texts for m in re.findall(r"celery -A ([\w.]+)", text)}

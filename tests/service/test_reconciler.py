@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from api.models import Job, utcnow
+from service.tables import Job, utcnow
 
 from .helpers import raw
 
@@ -22,13 +22,13 @@ def http(api_deployment, tenant_key):
 
 @pytest.fixture
 def queue(api_deployment):
-    from api.queue import JobQueue
+    from service.broker import JobQueue
 
     return JobQueue(api_deployment.settings)
 
 
 def reconcile(deployment, queue, **kwargs):
-    from api.reconciler import reconcile_once
+    from service.reconciler import reconcile_once
 
     return reconcile_once(deployment.settings, queue, **kwargs)
 
@@ -116,6 +116,6 @@ def test_the_reconcile_command_runs_one_pass(api_deployment):
 
     from .infra import REPO
 
-    result = subprocess.run([sys.executable, "-m", "qdpo_client.cli", "reconcile"], env=api_deployment.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "qdpo_cli.main", "reconcile"], env=api_deployment.env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ReconcileReport(")

@@ -125,10 +125,10 @@ def test_cancel_a_running_job(worker_deployment):
 
 def _insert_without_message(deployment, body: dict) -> str:
     """A committed, queued job whose message never reached the broker (the API died in between)."""
-    from api.core.security import new_id
-    from api.crud import jobs as jobs_crud
+    from service.security import new_id
+    from service.crud import jobs as jobs_crud
     from api.jobspec import build_spec
-    from api.models import Job, Tenant
+    from service.tables import Job, Tenant
     from api.schemas.jobs import JobCreate
 
     spec, inputs = build_spec(JobCreate.model_validate(body))
@@ -170,13 +170,13 @@ def test_a_job_whose_worker_died_resumes_from_its_last_checkpoint(worker_deploym
 
 
 def test_an_internal_error_is_retried_then_fails_with_the_last_error(worker_deployment):
-    from api.queue import JobQueue
-    from api.storage import ArtifactStore
+    from service.broker import JobQueue
+    from service.storage import ArtifactStore
 
     client = worker_deployment.client()
     job_id = _insert_without_message(worker_deployment, tiny_job())
     with worker_deployment.sessions() as session:
-        from api.models import Job
+        from service.tables import Job
 
         tenant_id = session.query(Job).filter_by(id=job_id).one().tenant_id
     # A plain file where the job's work directory belongs: every run fails the same infrastructure way.

@@ -15,7 +15,7 @@ from qdpo_core.labelers.local import LocalLabeler
 from qdpo_core.labelers.openai_api import OpenAILabeler
 from qdpo_core.pairs.base import PairContext, run_source
 from qdpo_core.pairs.factuality import ConsistencyScorer, FactualityPairs, ReferenceScorer, score_pairs
-from qdpo_core.pipeline import ModelHolder
+from qdpo_core.holder import ModelHolder
 from qdpo_core.prompts import builtin_prompts
 from qdpo_core.references import PassageIndex, parse_reference_lines
 

@@ -11,7 +11,7 @@ import pytest
 
 from chat_server import LocalChatModel, create_app, serve
 
-from qdpo_client.demo import free_port
+from qdpo_cli.demo import free_port
 from qdpo_core.config import LabelerSpec
 from qdpo_core.labelers import LabelerBadResponse, LabelerUnavailable
 from qdpo_core.labelers.local import LocalLabeler

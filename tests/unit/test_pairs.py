@@ -10,7 +10,7 @@ from qdpo_core.events import Emitter
 from qdpo_core.pairs.base import PairContext, run_source
 from qdpo_core.pairs.qdpo import QdpoPairs
 from qdpo_core.pairs.user import UserPairs
-from qdpo_core.pipeline import ModelHolder
+from qdpo_core.holder import ModelHolder
 from qdpo_core.prompts import builtin_prompts
 
 

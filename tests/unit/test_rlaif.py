@@ -13,7 +13,7 @@ from qdpo_core.labelers.local import LocalLabeler
 from qdpo_core.labelers.pairwise import compare, comparison_prompt, swap_average
 from qdpo_core.pairs.base import PairContext, run_source
 from qdpo_core.pairs.rlaif import RLAIFPairs, keep_pair
-from qdpo_core.pipeline import ModelHolder
+from qdpo_core.holder import ModelHolder
 from qdpo_core.prompts import builtin_prompts
 
 

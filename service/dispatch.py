@@ -9,28 +9,24 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.crud import jobs as jobs_crud
-from api.jobspec import INPUT_FILES
-from api.models import FAILED, VALIDATING, File, Job
-from api.queue import JobQueue
-from api.storage import ArtifactStore, sha256_of
+from service.broker import JobQueue
+from service.crud import jobs as jobs_crud
+from service.errors import ServiceError
+from service.inputs import resolve_inputs
+from service.storage import ArtifactStore
+from service.tables import FAILED, VALIDATING, Job
 
 log = logging.getLogger(__name__)
 
 
 def input_problem(session: Session, store: ArtifactStore, job: Job) -> dict | None:
     """An error dict when an input file is gone or changed on disk since it was validated."""
-    for field, file_id in (job.inputs or {}).items():
-        record = session.scalar(select(File).where(File.id == file_id, File.tenant_id == job.tenant_id))
-        param = INPUT_FILES[field].param
-        if record is None:
-            return {"code": "file_not_found", "message": f"{param}: file {file_id} was deleted before the job started", "param": param}
-        path = store.absolute(record.path)
-        if not path.is_file() or sha256_of(path) != record.sha256:
-            return {"code": "file_corrupted", "message": f"{param}: the stored copy of {file_id} is missing or changed; upload the file again", "param": param}
+    try:
+        resolve_inputs(session, store, tenant_id=job.tenant_id, inputs=job.inputs or {}, verify_content=True)
+    except ServiceError as exc:
+        return exc.to_dict()
     return None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from api.core.errors import ApiError
+from service.errors import InvalidInput
 
 
 def page(session: Session, *, query: Select, model, after: str | None, limit: int, tenant_id: str) -> tuple[list, bool]:
@@ -13,7 +13,7 @@ def page(session: Session, *, query: Select, model, after: str | None, limit: in
     if after is not None:
         cursor_pk = session.scalar(select(model.pk).where(model.id == after, model.tenant_id == tenant_id))
         if cursor_pk is None:
-            raise ApiError(422, "invalid_cursor", f"after: {after!r} is not an id from a previous page of this list", "after")
+            raise InvalidInput(f"after: {after!r} is not an id from a previous page of this list", "after", code="invalid_cursor")
         query = query.where(model.pk < cursor_pk)
     rows = list(session.scalars(query.order_by(model.pk.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit

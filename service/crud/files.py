@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.crud.pagination import page
-from api.models import File, Job, TERMINAL_STATUSES
+from service.crud.pagination import page
+from service.tables import File, Job, TERMINAL_STATUSES
 
 
 def create_file(session: Session, *, file_id: str, tenant_id: str, purpose: str, filename: str, size: int, rows: int, sha256: str, path: str) -> File:

@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.crud.pagination import page
-from api.models import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, JobEvent, utcnow
+from service.crud.pagination import page
+from service.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, JobEvent, utcnow
 
 LIVE_STATUSES = (RUNNING, CANCELLING)
 

@@ -19,13 +19,13 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from api.core.config import Settings
-from api.core.db import session_factory
-from api.crud import jobs as jobs_crud
-from api.dispatch import enqueue, validate_and_queue
-from api.models import CANCELLED, FAILED, RUNNING, utcnow
-from api.queue import JobQueue
-from api.storage import ArtifactStore
+from service.config import Settings
+from service.db import session_factory
+from service.crud import jobs as jobs_crud
+from service.dispatch import enqueue, validate_and_queue
+from service.tables import CANCELLED, FAILED, RUNNING, utcnow
+from service.broker import JobQueue
+from service.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.core.security import display_prefix, hash_api_key, new_api_key, new_id
-from api.models import ApiKey, Tenant, utcnow
+from service.security import display_prefix, hash_api_key, new_api_key, new_id
+from service.tables import ApiKey, Tenant, utcnow
 
 DEFAULT_TENANT = "default"
 

@@ -48,19 +48,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings():
-    from api.core.config import get_settings
+    from service.config import get_settings
 
     return get_settings()
 
 
 def _sessions(settings):
-    from api.core.db import session_factory
+    from service.db import session_factory
 
     return session_factory(settings.resolved_database_url)
 
 
 def cmd_migrate(_args) -> int:
-    from api.core.migrate import upgrade
+    from service.migrate import upgrade
 
     settings = _settings()
     upgrade(settings.resolved_database_url)
@@ -70,7 +70,7 @@ def cmd_migrate(_args) -> int:
 
 def ensure_embedded_key(settings) -> str | None:
     """The key the embedded service prints: QDPO_BOOTSTRAP_API_KEY, or one made on first start and kept in var/api_key."""
-    from api.crud import keys as keys_crud
+    from service.crud import keys as keys_crud
 
     with _sessions(settings)() as session:
         if settings.bootstrap_api_key:
@@ -89,7 +89,7 @@ def ensure_embedded_key(settings) -> str | None:
 
 
 def cmd_serve(args) -> int:
-    from api.core.migrate import upgrade
+    from service.migrate import upgrade
 
     settings = _settings()
     upgrade(settings.resolved_database_url)
@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:
         print(f"qdpo: API key for tenant 'default': {key}  (also in {settings.var_dir / 'api_key'})", flush=True)
     worker = None
     if not args.no_worker:
-        worker = subprocess.Popen([sys.executable, "-m", "qdpo_client.cli", "worker"], env=os.environ.copy())
+        worker = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "worker"], env=os.environ.copy())
     try:
         return _run_api(settings, host, port)
     finally:
@@ -136,11 +136,11 @@ def _run_api(settings, host: str, port: int) -> int:
 
 
 def cmd_worker(args) -> int:
-    from worker.celery_app import make_celery
+    from worker.celery_app import make_worker_app
 
     settings = _settings()
     settings.register_models()
-    app = make_celery(settings)
+    app = make_worker_app(settings)
     argv = ["worker", f"--loglevel={args.loglevel}", "-Q", settings.queue_name, f"--concurrency={args.concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
@@ -149,8 +149,8 @@ def cmd_worker(args) -> int:
 
 
 def cmd_reconcile(_args) -> int:
-    from api.queue import JobQueue
-    from api.reconciler import reconcile_once
+    from service.broker import JobQueue
+    from service.reconciler import reconcile_once
 
     settings = _settings()
     report = reconcile_once(settings, JobQueue(settings))
@@ -159,7 +159,7 @@ def cmd_reconcile(_args) -> int:
 
 
 def cmd_keys_create(args) -> int:
-    from api.crud import keys as keys_crud
+    from service.crud import keys as keys_crud
 
     with _sessions(_settings())() as session:
         record, key = keys_crud.create_key(session, tenant_name=args.tenant, name=args.name)
@@ -168,7 +168,7 @@ def cmd_keys_create(args) -> int:
 
 
 def cmd_keys_list(args) -> int:
-    from api.crud import keys as keys_crud
+    from service.crud import keys as keys_crud
 
     with _sessions(_settings())() as session:
         for record in keys_crud.list_keys(session, tenant_name=args.tenant):
@@ -178,7 +178,7 @@ def cmd_keys_list(args) -> int:
 
 
 def cmd_keys_revoke(args) -> int:
-    from api.crud import keys as keys_crud
+    from service.crud import keys as keys_crud
 
     with _sessions(_settings())() as session:
         record = keys_crud.revoke_key(session, key_id=args.key_id)

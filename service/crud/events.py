@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from api.core.errors import ApiError
-from api.models import JobCheckpoint, JobEvent, JobMetric
+from service.errors import InvalidInput
+from service.tables import JobCheckpoint, JobEvent, JobMetric
 
 EVENT_PREFIX = "evt_"
 
@@ -20,7 +20,7 @@ def parse_event_cursor(after: str | None) -> int:
         return 0
     digits = after[len(EVENT_PREFIX):] if after.startswith(EVENT_PREFIX) else ""
     if not digits.isdigit():
-        raise ApiError(422, "invalid_cursor", f"after: {after!r} is not an event id (they look like 'evt_123')", "after")
+        raise InvalidInput(f"after: {after!r} is not an event id (they look like 'evt_123')", "after", code="invalid_cursor")
     return int(digits)
 
 

@@ -24,7 +24,7 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 def current_revision(database_url: str) -> str | None:
     from sqlalchemy import inspect, text
 
-    from api.core.db import make_engine
+    from service.db import make_engine
 
     engine = make_engine(database_url, pooled=False)
     try:

@@ -1,6 +1,6 @@
 """`make demo`: the whole product in one run, on this machine, in a few minutes.
 
-    python -m qdpo_client.demo
+    python -m qdpo_cli.demo
 
 1. starts the embedded service (`qdpo serve`: SQLite, filesystem broker, one worker process);
 2. creates a QDPO job on the bundled SmolLM2-135M-Instruct through the REST API (built-in prompts);
@@ -60,7 +60,7 @@ def start_service(port: int, key: str, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "QDPO_PORT": str(port), "QDPO_BOOTSTRAP_API_KEY": key}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "qdpo_client.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -3,6 +3,9 @@
     <root>/files/<tenant>/<file_id>.jsonl         uploaded datasets (validated before they land here)
     <root>/jobs/<tenant>/<job_id>/work/           the pipeline's resumable work directory
     <root>/jobs/<tenant>/<job_id>/adapter.tar.gz  the downloadable result
+    <root>/jobs/<tenant>/<job_id>/report.md       the report as Markdown
+
+Only this class spells that layout; everyone else asks it for a path.
 
 Paths stored in the database are relative to <root>, so the directory can be mounted at a different
 place in each container. Everything lands under its final name by rename, never half-written.
@@ -17,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 CHUNK = 1024 * 1024
+ADAPTER_ARCHIVE = "adapter.tar.gz"
+REPORT_MARKDOWN = "report.md"
 
 
 class ArtifactStore:
@@ -40,6 +45,12 @@ class ArtifactStore:
 
     def workdir(self, tenant_id: str, job_id: str) -> Path:
         return self.job_dir(tenant_id, job_id) / "work"
+
+    def adapter_relpath(self, tenant_id: str, job_id: str) -> str:
+        return f"{self.job_relpath(tenant_id, job_id)}/{ADAPTER_ARCHIVE}"
+
+    def report_markdown(self, tenant_id: str, job_id: str) -> Path:
+        return self.job_dir(tenant_id, job_id) / REPORT_MARKDOWN
 
     def staging_file(self) -> Path:
         """A temporary file inside the artifact volume, so the final move is an atomic rename."""
