@@ -9,12 +9,12 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.config import Settings
 from api.core.errors import ApiError
-from service.crud import keys as keys_crud
-from service.tables import Tenant
 from service.broker import JobQueue
+from service.config import Settings
+from service.crud import keys as keys_crud
 from service.storage import ArtifactStore
+from service.tables import Tenant
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `qdpo keys create --tenant NAME`.")
 
@@ -48,7 +48,9 @@ def get_current_tenant(session: SessionDep, credentials: Annotated[HTTPAuthoriza
         raise ApiError(401, "missing_api_key", "send your API key as 'Authorization: Bearer <key>'", "Authorization", headers=challenge)
     tenant = keys_crud.authenticate(session, key=credentials.credentials)
     if tenant is None:
-        raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked; create one with `qdpo keys create --tenant NAME`", "Authorization", headers=challenge)
+        raise ApiError(
+            401, "invalid_api_key", "the API key is unknown or revoked; create one with `qdpo keys create --tenant NAME`", "Authorization", headers=challenge
+        )
     return tenant
 
 

@@ -58,7 +58,9 @@ def build_spec(request: JobCreate) -> tuple[dict, dict]:
                 raw[section] = value.given()
         for other in ("rlaif", "factuality"):
             if getattr(request.method, other) is not None and method != other:
-                raise ApiError(422, "invalid_spec", f"method.{other}: settings for method '{other}' were given but method.type is {method!r}", f"method.{other}")
+                raise ApiError(
+                    422, "invalid_spec", f"method.{other}: settings for method '{other}' were given but method.type is {method!r}", f"method.{other}"
+                )
     if references_file_id := raw.get("factuality", {}).pop("references_file_id", None):
         inputs["references"] = references_file_id
     # File ids stand in for the paths while the spec is checked; the worker puts the real paths there.
@@ -93,10 +95,20 @@ def _check_labelers(raw: dict) -> None:
             continue
         if value.get("kind", "local") == "local" and "model" in value and registry.lookup(value["model"]) is None:
             offered = ", ".join(m.name for m in registry.registered_models())
-            raise ApiError(422, "model_not_available", f"{api_path}.model: {value['model']!r} is not offered by this deployment; use one of: {offered}", f"{api_path}.model")
+            raise ApiError(
+                422,
+                "model_not_available",
+                f"{api_path}.model: {value['model']!r} is not offered by this deployment; use one of: {offered}",
+                f"{api_path}.model",
+            )
         env = value.get("api_key_env")
         if env is not None and not str(env).startswith(LABELER_KEY_PREFIX):
-            raise ApiError(422, "invalid_spec", f"{api_path}.api_key_env: must name a variable starting with {LABELER_KEY_PREFIX} (set by the operator for labelers); got {env!r}", f"{api_path}.api_key_env")
+            raise ApiError(
+                422,
+                "invalid_spec",
+                f"{api_path}.api_key_env: must name a variable starting with {LABELER_KEY_PREFIX} (set by the operator for labelers); got {env!r}",
+                f"{api_path}.api_key_env",
+            )
 
 
 def _epoch(value: datetime | None) -> int | None:

@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from api import metrics
-from service.config import Settings, get_settings
-from service.db import session_factory
 from api.core.errors import install_error_handlers
 from api.core.limits import BodySizeLimitMiddleware
-from service.broker import JobQueue
-from service.reconciler import ReconcilerThread
 from api.routes import api_router, health
+from service.broker import JobQueue
+from service.config import Settings, get_settings
+from service.db import session_factory
+from service.reconciler import ReconcilerThread
 from service.storage import ArtifactStore
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,14 @@ def spec_for(quant: str, method: str, args) -> dict:
         "dataset": {"max_train_prompts": args.train_prompts, "max_eval_prompts": args.eval_prompts},
         "generation": {"max_new_tokens": args.max_new_tokens, "batch_size": 8},
         "eval": {"max_new_tokens": args.max_new_tokens, "batch_size": 8, "semantic_similarity": True},
-        "train": {"epochs": args.epochs, "batch_size": 4, "lora_rank": 16, "beta": 0.1, "checkpoint_every": args.checkpoint_every, "early_stopping_patience": 0},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": 4,
+            "lora_rank": 16,
+            "beta": 0.1,
+            "checkpoint_every": args.checkpoint_every,
+            "early_stopping_patience": 0,
+        },
         "seed": args.seed,
     }
     for key, value in preset.items():
@@ -119,7 +126,9 @@ def table(rows: list[dict]) -> str:
         seconds = row.get("stage_seconds") or {}
         timing = " / ".join(str(round(seconds.get(s) or 0)) for s in ("pairs", "train", "evaluate"))
         lines.append(
-            f"| {row['quant']} | {row['method']} | " + " | ".join(cells) + f" | {_fmt(closed.get('token_flip_rate'), True)} / {_fmt(closed.get('kl'), True)} | {row['selected_checkpoint']} | {timing} |"
+            f"| {row['quant']} | {row['method']} | "
+            + " | ".join(cells)
+            + f" | {_fmt(closed.get('token_flip_rate'), True)} / {_fmt(closed.get('kl'), True)} | {row['selected_checkpoint']} | {timing} |"
         )
     return "\n".join(lines)
 

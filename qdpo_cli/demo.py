@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx

@@ -141,7 +141,15 @@ def cmd_worker(args) -> int:
     settings = _settings()
     settings.register_models()
     app = make_worker_app(settings)
-    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", settings.queue_name, f"--concurrency={args.concurrency or settings.worker_concurrency}", "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        "-Q",
+        settings.queue_name,
+        f"--concurrency={args.concurrency or settings.worker_concurrency}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)

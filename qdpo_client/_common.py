@@ -83,7 +83,9 @@ class HashingWriter:
         actual = self.digest.hexdigest()
         if (expected and actual != expected) or (expected_size is not None and self.size != expected_size):
             self.partial.unlink(missing_ok=True)
-            raise ChecksumMismatch(f"{self.target.name}: got sha256 {actual} ({self.size} bytes), expected {expected} ({expected_size} bytes); nothing was kept")
+            raise ChecksumMismatch(
+                f"{self.target.name}: got sha256 {actual} ({self.size} bytes), expected {expected} ({expected_size} bytes); nothing was kept"
+            )
         os.replace(self.partial, self.target)
         return self.target
 

@@ -37,7 +37,12 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _retry_policy(max_retries: int) -> dict:
-    return {"stop": stop_after_attempt(max_retries + 1), "wait": wait_exponential_jitter(initial=0.5, max=8), "retry": retry_if_exception(_retryable), "reraise": True}
+    return {
+        "stop": stop_after_attempt(max_retries + 1),
+        "wait": wait_exponential_jitter(initial=0.5, max=8),
+        "retry": retry_if_exception(_retryable),
+        "reraise": True,
+    }
 
 
 def raise_for_error(response: httpx.Response) -> httpx.Response:

@@ -1,9 +1,9 @@
 """Asynchronous client: the same resources and methods as `Client`, awaited.
 
-    async with AsyncClient("http://localhost:8000", api_key=KEY) as c:
-        job = await c.jobs.create(method={"type": "qdpo"}, quantization={"method": "nf4"})
-        async for event in c.jobs.stream_events(job.id):
-            print(event.message)
+async with AsyncClient("http://localhost:8000", api_key=KEY) as c:
+    job = await c.jobs.create(method={"type": "qdpo"}, quantization={"method": "nf4"})
+    async for event in c.jobs.stream_events(job.id):
+        print(event.message)
 """
 
 from __future__ import annotations
@@ -46,10 +46,23 @@ class AsyncJobs:
     def __init__(self, http: AsyncHTTP):
         self._http = http
 
-    async def create(self, model: str = "smollm2-135m-instruct", *, quantization: dict | None = None, dataset: dict | None = None, method: dict | None = None,
-                     generation: dict | None = None, eval: dict | None = None, seed: int | None = None, suffix: str | None = None,
-                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> Job:
-        body = job_body(model, quantization=quantization, dataset=dataset, method=method, generation=generation, eval=eval, seed=seed, suffix=suffix, metadata=metadata)
+    async def create(
+        self,
+        model: str = "smollm2-135m-instruct",
+        *,
+        quantization: dict | None = None,
+        dataset: dict | None = None,
+        method: dict | None = None,
+        generation: dict | None = None,
+        eval: dict | None = None,
+        seed: int | None = None,
+        suffix: str | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        body = job_body(
+            model, quantization=quantization, dataset=dataset, method=method, generation=generation, eval=eval, seed=seed, suffix=suffix, metadata=metadata
+        )
         return Job.model_validate(await self._http.json("POST", "/v1/jobs", json=body, headers=idempotency_headers(idempotency_key)))
 
     async def list(self, *, status: str | None = None, after: str | None = None, limit: int | None = None) -> Page[Job]:
@@ -69,7 +82,9 @@ class AsyncJobs:
 
     async def stream_events(self, job_id: str, *, after: str | None = None) -> AsyncIterator[Event]:
         params = page_params(after=after, stream="true")
-        async with self._http.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params, headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(60.0, read=None)) as response:
+        async with self._http.http.stream(
+            "GET", f"/v1/jobs/{job_id}/events", params=params, headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(60.0, read=None)
+        ) as response:
             if response.status_code >= 400:
                 await response.aread()
                 raise_for_error(response)
@@ -139,7 +154,15 @@ class AsyncModels:
 
 
 class AsyncClient:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0, max_retries: int = 3, http_client: httpx.AsyncClient | None = None):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        http_client: httpx.AsyncClient | None = None,
+    ):
         self.http = http_client or httpx.AsyncClient(**client_options(base_url, api_key, timeout))
         transport = AsyncHTTP(self.http, max_retries)
         self.files, self.jobs, self.models = AsyncFiles(transport), AsyncJobs(transport), AsyncModels(transport)
@@ -147,7 +170,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *_exc) -> None:

@@ -28,7 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     listing = files.add_parser("list")
     listing.add_argument("--purpose", choices=["prompts", "preferences", "references"])
     _paging(listing)
-    listing.set_defaults(handler=lambda a: _table(_client(a).files.list(purpose=a.purpose, after=a.after, limit=a.limit).data, ["id", "purpose", "filename", "rows", "bytes"]))
+    listing.set_defaults(
+        handler=lambda a: _table(_client(a).files.list(purpose=a.purpose, after=a.after, limit=a.limit).data, ["id", "purpose", "filename", "rows", "bytes"])
+    )
     for name, method in (("get", "get"), ("delete", "delete")):
         command = files.add_parser(name)
         command.add_argument("file_id")
@@ -57,7 +59,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     listing = jobs.add_parser("list")
     listing.add_argument("--status")
     _paging(listing)
-    listing.set_defaults(handler=lambda a: _table(_client(a).jobs.list(status=a.status, after=a.after, limit=a.limit).data, ["id", "status", "stage", "model", "fine_tuned_model"]))
+    listing.set_defaults(
+        handler=lambda a: _table(
+            _client(a).jobs.list(status=a.status, after=a.after, limit=a.limit).data, ["id", "status", "stage", "model", "fine_tuned_model"]
+        )
+    )
     for name in ("get", "cancel", "delete", "metrics", "checkpoints"):
         command = jobs.add_parser(name)
         command.add_argument("job_id")

@@ -1,11 +1,11 @@
 """Synchronous client for the qdpo REST API.
 
-    from qdpo_client import Client
-    c = Client("http://localhost:8000", api_key=KEY)
-    f = c.files.upload("prompts.jsonl", purpose="prompts")
-    job = c.jobs.create(model="smollm2-135m-instruct", quantization={"method": "nf4"}, dataset={"file_id": f.id}, method={"type": "qdpo"})
-    job = c.jobs.wait(job.id)                      # progress bar; raises JobFailed with the server's error
-    path = c.jobs.download_adapter(job.id, "out/")  # sha256 verified, unpacked: out/<job id>/adapter/…
+from qdpo_client import Client
+c = Client("http://localhost:8000", api_key=KEY)
+f = c.files.upload("prompts.jsonl", purpose="prompts")
+job = c.jobs.create(model="smollm2-135m-instruct", quantization={"method": "nf4"}, dataset={"file_id": f.id}, method={"type": "qdpo"})
+job = c.jobs.wait(job.id)                      # progress bar; raises JobFailed with the server's error
+path = c.jobs.download_adapter(job.id, "out/")  # sha256 verified, unpacked: out/<job id>/adapter/…
 """
 
 from __future__ import annotations
@@ -54,11 +54,24 @@ class Jobs:
     def __init__(self, http: SyncHTTP):
         self._http = http
 
-    def create(self, model: str = "smollm2-135m-instruct", *, quantization: dict | None = None, dataset: dict | None = None, method: dict | None = None,
-               generation: dict | None = None, eval: dict | None = None, seed: int | None = None, suffix: str | None = None,
-               metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> Job:
+    def create(
+        self,
+        model: str = "smollm2-135m-instruct",
+        *,
+        quantization: dict | None = None,
+        dataset: dict | None = None,
+        method: dict | None = None,
+        generation: dict | None = None,
+        eval: dict | None = None,
+        seed: int | None = None,
+        suffix: str | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
         """Create a job. Safe to retry: the same idempotency key never creates a second job."""
-        body = job_body(model, quantization=quantization, dataset=dataset, method=method, generation=generation, eval=eval, seed=seed, suffix=suffix, metadata=metadata)
+        body = job_body(
+            model, quantization=quantization, dataset=dataset, method=method, generation=generation, eval=eval, seed=seed, suffix=suffix, metadata=metadata
+        )
         return Job.model_validate(self._http.json("POST", "/v1/jobs", json=body, headers=idempotency_headers(idempotency_key)))
 
     def list(self, *, status: str | None = None, after: str | None = None, limit: int | None = None) -> Page[Job]:
@@ -80,7 +93,9 @@ class Jobs:
     def stream_events(self, job_id: str, *, after: str | None = None) -> Iterator[Event]:
         """Yield events live (server-sent events) until the job ends."""
         params = page_params(after=after, stream="true")
-        with self._http.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params, headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(60.0, read=None)) as response:
+        with self._http.http.stream(
+            "GET", f"/v1/jobs/{job_id}/events", params=params, headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(60.0, read=None)
+        ) as response:
             if response.status_code >= 400:
                 response.read()
                 raise_for_error(response)
@@ -105,7 +120,9 @@ class Jobs:
             return self._http.request("GET", f"/v1/jobs/{job_id}/report", params={"format": "markdown"}).text
         return self._http.json("GET", f"/v1/jobs/{job_id}/report")
 
-    def wait(self, job_id: str, *, poll_interval: float = 2.0, timeout: float | None = None, progress: bool = True, on_event: Callable[[Event], None] | None = None) -> Job:
+    def wait(
+        self, job_id: str, *, poll_interval: float = 2.0, timeout: float | None = None, progress: bool = True, on_event: Callable[[Event], None] | None = None
+    ) -> Job:
         """Poll until the job ends; returns it when it succeeded, raises JobFailed / JobCancelled / TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cursor = None
@@ -163,7 +180,9 @@ class Models:
 class Client:
     """`Client(base_url, api_key)`; both default to QDPO_BASE_URL / QDPO_API_KEY."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0, max_retries: int = 3, http_client: httpx.Client | None = None):
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0, max_retries: int = 3, http_client: httpx.Client | None = None
+    ):
         self.http = http_client or httpx.Client(**client_options(base_url, api_key, timeout))
         transport = SyncHTTP(self.http, max_retries)
         self.files, self.jobs, self.models = Files(transport), Jobs(transport), Models(transport)
@@ -175,7 +194,7 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_exc) -> None:

@@ -15,9 +15,17 @@ class JobProgress:
         self.bar: Progress | None = None
         self.task = None
 
-    def __enter__(self) -> "JobProgress":
+    def __enter__(self) -> JobProgress:
         if self.enabled:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[eta]}"), TimeElapsedColumn(), console=self.console, transient=False)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[eta]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
             self.bar.start()
             self.task = self.bar.add_task("queued", total=None, eta="")
         return self

@@ -72,7 +72,14 @@ def spec_from_args(args: argparse.Namespace) -> PipelineSpec:
     put("dataset.max_eval_prompts", args.max_eval_prompts)
     put("generation.max_new_tokens", args.max_new_tokens)
     put("eval.max_new_tokens", args.max_new_tokens)
-    for flag, path in (("epochs", "epochs"), ("learning_rate", "learning_rate"), ("beta", "beta"), ("loss", "loss"), ("batch_size", "batch_size"), ("lora_rank", "lora_rank")):
+    for flag, path in (
+        ("epochs", "epochs"),
+        ("learning_rate", "learning_rate"),
+        ("beta", "beta"),
+        ("loss", "loss"),
+        ("batch_size", "batch_size"),
+        ("lora_rank", "lora_rank"),
+    ):
         put(f"train.{path}", getattr(args, flag))
     for item in args.set:
         key, sep, raw = item.partition("=")

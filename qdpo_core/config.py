@@ -98,7 +98,11 @@ class ModelSpec(_Spec):
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip() != "", "model.name", "give a model name such as 'smollm2-135m-instruct'")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "model.device", f"got {self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "model.device",
+            f"got {self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'",
+        )
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"got {self.dtype!r}; use float32, bfloat16 or float16")
 
 
@@ -106,7 +110,9 @@ class ModelSpec(_Spec):
 class QuantSpec(_Spec):
     prefix: ClassVar[str] = "quantization"
     method: str = _help("nf4 / fp4 (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), rtn (group-wise round-to-nearest fake-quant), none.", default="nf4")
-    bits: int | None = _help("Bit width: 4 for nf4/fp4, 8 for int8, one of 2/3/4/8 for rtn. Left empty, it is implied by the method (rtn needs it).", default=None)
+    bits: int | None = _help(
+        "Bit width: 4 for nf4/fp4, 8 for int8, one of 2/3/4/8 for rtn. Left empty, it is implied by the method (rtn needs it).", default=None
+    )
     group_size: int = _help("RTN only: weights per quantization group along the input dimension (-1 = one group per row).", default=64)
     double_quant: bool = _help("bitsandbytes 4-bit only: also quantize the quantization constants.", default=False)
 
@@ -115,9 +121,17 @@ class QuantSpec(_Spec):
         implied = {"nf4": 4, "fp4": 4, "int8": 8, "none": 16}.get(self.method)
         if self.method == "rtn":
             _check(self.bits in RTN_BITS, "quantization.bits", f"rtn supports bits {list(RTN_BITS)}; got {self.bits!r}")
-            _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 8), "quantization.group_size", f"got {self.group_size!r}; use -1 or an integer >= 8 such as 64 or 128")
+            _check(
+                isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 8),
+                "quantization.group_size",
+                f"got {self.group_size!r}; use -1 or an integer >= 8 such as 64 or 128",
+            )
         else:
-            _check(self.bits in (None, implied), "quantization.bits", f"{self.method} is {implied}-bit; got bits={self.bits}. For {self.bits} bits use method 'rtn'")
+            _check(
+                self.bits in (None, implied),
+                "quantization.bits",
+                f"{self.method} is {implied}-bit; got bits={self.bits}. For {self.bits} bits use method 'rtn'",
+            )
             self.bits = implied
 
 
@@ -134,12 +148,24 @@ class DataSpec(_Spec):
     max_response_tokens: int = _help("Supplied responses longer than this are cut and counted.", default=256)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1, "dataset.eval_fraction", f"got {self.eval_fraction!r}; use a number between 0 and 1 such as 0.1")
+        _check(
+            isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1,
+            "dataset.eval_fraction",
+            f"got {self.eval_fraction!r}; use a number between 0 and 1 such as 0.1",
+        )
         for name in ("max_train_prompts", "max_eval_prompts"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and value >= 1), f"dataset.{name}", f"got {value!r}; use a positive integer or leave it empty")
-        _check(isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens >= 8, "dataset.max_prompt_tokens", f"got {self.max_prompt_tokens!r}; use an integer >= 8")
-        _check(isinstance(self.max_response_tokens, int) and self.max_response_tokens >= 1, "dataset.max_response_tokens", f"got {self.max_response_tokens!r}; use a positive integer")
+        _check(
+            isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens >= 8,
+            "dataset.max_prompt_tokens",
+            f"got {self.max_prompt_tokens!r}; use an integer >= 8",
+        )
+        _check(
+            isinstance(self.max_response_tokens, int) and self.max_response_tokens >= 1,
+            "dataset.max_response_tokens",
+            f"got {self.max_response_tokens!r}; use a positive integer",
+        )
 
 
 @dataclass
@@ -153,7 +179,9 @@ class GenerationSpec(_Spec):
     num_samples: int = _help("QDPO pairs: responses per prompt and model (>1 needs do_sample).", default=1)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 4096, "generation.max_new_tokens", f"got {self.max_new_tokens!r}; use 1..4096")
+        _check(
+            isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 4096, "generation.max_new_tokens", f"got {self.max_new_tokens!r}; use 1..4096"
+        )
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "generation.batch_size", f"got {self.batch_size!r}; use a positive integer")
         _check(self.temperature > 0, "generation.temperature", f"got {self.temperature!r}; use a positive number such as 1.0")
         _check(0 < self.top_p <= 1, "generation.top_p", f"got {self.top_p!r}; use a number in (0, 1]")
@@ -177,14 +205,30 @@ class LabelerSpec(_Spec):
 
     def __post_init__(self) -> None:
         _check(self.kind in ("local", "openai"), f"{self.prefix}.kind", f"got {self.kind!r}; use 'local' or 'openai'")
-        _check(isinstance(self.model, str) and self.model.strip() != "", f"{self.prefix}.model", "give a model name (a registered local model, or the endpoint's model name)")
+        _check(
+            isinstance(self.model, str) and self.model.strip() != "",
+            f"{self.prefix}.model",
+            "give a model name (a registered local model, or the endpoint's model name)",
+        )
         _check(self.kind != "openai" or bool(self.base_url), f"{self.prefix}.base_url", "kind 'openai' needs base_url, e.g. http://host:port/v1")
-        _check(self.base_url is None or str(self.base_url).startswith(("http://", "https://")), f"{self.prefix}.base_url", f"got {self.base_url!r}; use an http:// or https:// URL such as http://host:port/v1")
+        _check(
+            self.base_url is None or str(self.base_url).startswith(("http://", "https://")),
+            f"{self.prefix}.base_url",
+            f"got {self.base_url!r}; use an http:// or https:// URL such as http://host:port/v1",
+        )
         _check(self.timeout_seconds > 0, f"{self.prefix}.timeout_seconds", "use a positive number of seconds")
         _check(isinstance(self.max_retries, int) and 0 <= self.max_retries <= 10, f"{self.prefix}.max_retries", "use 0..10")
-        _check(isinstance(self.rationale_tokens, int) and 1 <= self.rationale_tokens <= 1024, f"{self.prefix}.rationale_tokens", f"got {self.rationale_tokens!r}; use 1..1024")
+        _check(
+            isinstance(self.rationale_tokens, int) and 1 <= self.rationale_tokens <= 1024,
+            f"{self.prefix}.rationale_tokens",
+            f"got {self.rationale_tokens!r}; use 1..1024",
+        )
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"{self.prefix}.batch_size", f"got {self.batch_size!r}; use a positive integer")
-        _check(isinstance(self.max_concurrency, int) and 1 <= self.max_concurrency <= 64, f"{self.prefix}.max_concurrency", f"got {self.max_concurrency!r}; use 1..64")
+        _check(
+            isinstance(self.max_concurrency, int) and 1 <= self.max_concurrency <= 64,
+            f"{self.prefix}.max_concurrency",
+            f"got {self.max_concurrency!r}; use 1..64",
+        )
 
 
 @dataclass
@@ -204,10 +248,15 @@ class RLAIFSpec(_Spec):
 @dataclass
 class FactualitySpec(_Spec):
     prefix: ClassVar[str] = "factuality"
-    scorer: str = _help("'consistency' (re-ask each claim, score agreement), 'logprob' (mean token log-prob) or 'reference' (claims supported by passages).", default="consistency")
+    scorer: str = _help(
+        "'consistency' (re-ask each claim, score agreement), 'logprob' (mean token log-prob) or 'reference' (claims supported by passages).",
+        default="consistency",
+    )
     num_samples: int = _help("Responses sampled per prompt.", default=4)
     temperature: float = _help("Sampling temperature of the responses (and of the consistency scorer's re-asked answers).", default=1.0)
-    min_score_gap: float = _help("A pair is made only when two scores differ by more than this (scores are shares of claims in 0..1; for 'logprob', nats per token).", default=0.1)
+    min_score_gap: float = _help(
+        "A pair is made only when two scores differ by more than this (scores are shares of claims in 0..1; for 'logprob', nats per token).", default=0.1
+    )
     num_questions: int = _help("consistency scorer: answers sampled per claim question.", default=3)
     max_claims: int = _help("Claims scored per response (the first ones).", default=4)
     references: str | None = _help("reference scorer: JSONL of passages ({'text': str}, optional 'title').", default=None)
@@ -222,11 +271,23 @@ class FactualitySpec(_Spec):
         _check(self.min_score_gap >= 0, "factuality.min_score_gap", "use a number >= 0")
         _check(self.scorer != "reference" or bool(self.references), "factuality.references", "scorer 'reference' needs a JSONL of reference passages")
         _check(self.response_model in ("quantized", "fp"), "factuality.response_model", "use 'quantized' or 'fp'")
-        _check(isinstance(self.num_questions, int) and self.num_questions >= 1, "factuality.num_questions", f"got {self.num_questions!r}; use a positive integer such as 3")
+        _check(
+            isinstance(self.num_questions, int) and self.num_questions >= 1,
+            "factuality.num_questions",
+            f"got {self.num_questions!r}; use a positive integer such as 3",
+        )
         _check(isinstance(self.max_claims, int) and self.max_claims >= 1, "factuality.max_claims", f"got {self.max_claims!r}; use a positive integer such as 4")
-        _check(isinstance(self.passages_per_claim, int) and self.passages_per_claim >= 1, "factuality.passages_per_claim", f"got {self.passages_per_claim!r}; use a positive integer such as 2")
+        _check(
+            isinstance(self.passages_per_claim, int) and self.passages_per_claim >= 1,
+            "factuality.passages_per_claim",
+            f"got {self.passages_per_claim!r}; use a positive integer such as 2",
+        )
         # chat-completions endpoints return log-probs of what they generate, never of a given text
-        _check(self.scorer != "logprob" or self.labeler.kind == "local", "factuality.labeler.kind", "scorer 'logprob' scores given answers token by token, which needs a local labeler; use kind 'local' or scorer 'consistency'")
+        _check(
+            self.scorer != "logprob" or self.labeler.kind == "local",
+            "factuality.labeler.kind",
+            "scorer 'logprob' scores given answers token by token, which needs a local labeler; use kind 'local' or scorer 'consistency'",
+        )
 
 
 @dataclass
@@ -256,16 +317,31 @@ class TrainSpec(_Spec):
         p = "train"
         _check(self.loss in LOSSES, f"{p}.loss", f"got {self.loss!r}; use one of {', '.join(LOSSES)}")
         _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 10, f"{p}.beta", f"got {self.beta!r}; use a number in (0, 10], typically 0.05–0.5")
-        _check(isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1e-2, f"{p}.learning_rate", f"got {self.learning_rate!r}; use (0, 0.01], typically 1e-5–2e-4 for LoRA")
+        _check(
+            isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1e-2,
+            f"{p}.learning_rate",
+            f"got {self.learning_rate!r}; use (0, 0.01], typically 1e-5–2e-4 for LoRA",
+        )
         _check(isinstance(self.epochs, int) and 1 <= self.epochs <= 100, f"{p}.epochs", f"got {self.epochs!r}; use an integer 1..100")
         _check(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1024, f"{p}.batch_size", f"got {self.batch_size!r}; use an integer 1..1024")
-        _check(isinstance(self.gradient_accumulation_steps, int) and self.gradient_accumulation_steps >= 1, f"{p}.gradient_accumulation_steps", "use a positive integer")
-        _check(isinstance(self.lora_rank, int) and 1 <= self.lora_rank <= 512, f"{p}.lora_rank", f"got {self.lora_rank!r}; use an integer 1..512 (8–16 is typical)")
+        _check(
+            isinstance(self.gradient_accumulation_steps, int) and self.gradient_accumulation_steps >= 1,
+            f"{p}.gradient_accumulation_steps",
+            "use a positive integer",
+        )
+        _check(
+            isinstance(self.lora_rank, int) and 1 <= self.lora_rank <= 512, f"{p}.lora_rank", f"got {self.lora_rank!r}; use an integer 1..512 (8–16 is typical)"
+        )
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
         _check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, f"{p}.lora_alpha", "use a positive number")
         _check(0 <= self.lora_dropout < 1, f"{p}.lora_dropout", "use a number in [0, 1)")
-        _check(self.target_modules == "all-linear" or (isinstance(self.target_modules, list) and all(isinstance(m, str) and m for m in self.target_modules) and self.target_modules), f"{p}.target_modules", "use 'all-linear' or a non-empty list of module names such as ['q_proj', 'v_proj']")
+        _check(
+            self.target_modules == "all-linear"
+            or (isinstance(self.target_modules, list) and all(isinstance(m, str) and m for m in self.target_modules) and self.target_modules),
+            f"{p}.target_modules",
+            "use 'all-linear' or a non-empty list of module names such as ['q_proj', 'v_proj']",
+        )
         _check(self.nll_weight >= 0, f"{p}.nll_weight", "use a number >= 0")
         _check(self.kd_weight >= 0, f"{p}.kd_weight", "use a number >= 0")
         _check(0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", "use a number in [0, 1)")
@@ -292,7 +368,9 @@ class EvalSpec(_Spec):
 @dataclass
 class PipelineSpec(_Spec):
     prefix: ClassVar[str] = ""
-    method: str = _help("qdpo (FP chosen / quantized rejected), dpo (your pairs), kd (distillation baseline), rlaif (AI labeler), factuality (FactTune).", default="qdpo")
+    method: str = _help(
+        "qdpo (FP chosen / quantized rejected), dpo (your pairs), kd (distillation baseline), rlaif (AI labeler), factuality (FactTune).", default="qdpo"
+    )
     model: ModelSpec = _help("Base model.", default_factory=ModelSpec)
     quantization: QuantSpec = _help("How the served model is quantized.", default_factory=QuantSpec)
     dataset: DataSpec = _help("Prompts / pairs and the held-out split.", default_factory=DataSpec)
@@ -307,5 +385,9 @@ class PipelineSpec(_Spec):
         _check(self.method in METHODS, "method", f"got {self.method!r}; use one of {', '.join(METHODS)}")
         _check(self.quantization.method != "none", "quantization.method", "the service aligns a quantized model; choose nf4, fp4, int8 or rtn")
         _check(self.method != "dpo" or bool(self.dataset.pairs), "dataset.pairs", "method 'dpo' trains on your preference pairs: upload a preferences file")
-        _check(self.method == "dpo" or not self.dataset.pairs, "dataset.pairs", f"method {self.method!r} builds its own pairs from prompts; use method 'dpo' for uploaded pairs")
+        _check(
+            self.method == "dpo" or not self.dataset.pairs,
+            "dataset.pairs",
+            f"method {self.method!r} builds its own pairs from prompts; use method 'dpo' for uploaded pairs",
+        )
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "use a non-negative integer")

@@ -7,8 +7,9 @@ No torch here: the service imports this module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # The stages in run order; each writes its output under the workdir and resumes from it.
 STAGES = ("prepare", "quantize", "pairs", "baseline", "train", "evaluate", "export")
@@ -40,7 +41,7 @@ class Emitter:
         self.on_event = on_event
         self.stage = stage
 
-    def for_stage(self, stage: str) -> "Emitter":
+    def for_stage(self, stage: str) -> Emitter:
         return Emitter(self.on_event, stage)
 
     def emit(self, type: str, message: str, level: str = "info", step: int | None = None, total: int | None = None, **data: Any) -> None:

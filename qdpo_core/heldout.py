@@ -1,7 +1,7 @@
 """Held-out evaluation of one run: the FP answers (generated once), and every model scored against them.
 
-    baseline/fp_responses.jsonl    held-out prompts with the FP model's greedy answers (ids and text)
-    <answers_path>                 a scored model's own greedy answers (cached: scoring again reuses them)
+baseline/fp_responses.jsonl    held-out prompts with the FP model's greedy answers (ids and text)
+<answers_path>                 a scored model's own greedy answers (cached: scoring again reuses them)
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ class HeldOutEvaluator:
             prompts = [encode_prompt(self.models.tokenizer, r["messages"], self.spec.dataset.max_prompt_tokens).ids for r in records]
             answers = self.answers(self.models.teacher, prompts, "FP answers", emitter)
             self.fp_path.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl(self.fp_path, [{"messages": r["messages"], "prompt_ids": p, "ids": a.ids, "text": a.text, "finished": a.finished} for r, p, a in zip(records, prompts, answers)])
+            write_jsonl(
+                self.fp_path,
+                [
+                    {"messages": r["messages"], "prompt_ids": p, "ids": a.ids, "text": a.text, "finished": a.finished}
+                    for r, p, a in zip(records, prompts, answers)
+                ],
+            )
         rows = load_jsonl(self.fp_path)
         return HeldOut([r["prompt_ids"] for r in rows], [r["ids"] for r in rows], [r["text"] for r in rows]), rows
 

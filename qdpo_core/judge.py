@@ -63,7 +63,12 @@ class JudgeResult:
         return asdict(self)
 
     def sentence(self) -> str:
-        named = {"logprobs": "from log-probs", "parsed": "parsed from replies", "unparsed": "unreadable (undecided)", "identical": "identical answers (tie, not asked)"}
+        named = {
+            "logprobs": "from log-probs",
+            "parsed": "parsed from replies",
+            "unparsed": "unreadable (undecided)",
+            "identical": "identical answers (tie, not asked)",
+        }
         how = ", ".join(f"{v} {named[k]}" for k, v in self.verdicts_from.items() if v)
         return (
             f"Judge ({self.labeler}): aligned won {self.wins}, lost {self.losses}, tied {self.ties} of {self.prompts} held-out prompts "
@@ -72,7 +77,9 @@ class JudgeResult:
         )
 
 
-def judge_answers(labeler, prompts: list[list[dict]], candidate: list[str], baseline: list[str], chain_of_thought: bool = False, rationale_tokens: int = 64) -> tuple[JudgeResult, list[dict]]:
+def judge_answers(
+    labeler, prompts: list[list[dict]], candidate: list[str], baseline: list[str], chain_of_thought: bool = False, rationale_tokens: int = 64
+) -> tuple[JudgeResult, list[dict]]:
     """Judge `candidate` vs `baseline` answers per prompt → (summary, one row per prompt)."""
     rows: list[dict] = [{"prompt": p[-1]["content"], "candidate": c, "baseline": b} for p, c, b in zip(prompts, candidate, baseline)]
     asked = [k for k, (c, b) in enumerate(zip(candidate, baseline)) if c.strip() != b.strip()]
@@ -84,7 +91,12 @@ def judge_answers(labeler, prompts: list[list[dict]], candidate: list[str], base
     for k, comparison in zip(asked, comparisons):
         sources.update(comparison.sources)
         preferences[k] = comparison.p_first
-        rows[k].update(outcome=outcome(comparison.forward.probs, comparison.swapped.probs), p_candidate=round(comparison.p_first, 6), identical=False, label=comparison.to_dict())
+        rows[k].update(
+            outcome=outcome(comparison.forward.probs, comparison.swapped.probs),
+            p_candidate=round(comparison.p_first, 6),
+            identical=False,
+            label=comparison.to_dict(),
+        )
     sources["identical"] = len(prompts) - len(asked)
     tally = Counter(row["outcome"] for row in rows)
     n = len(prompts)

@@ -131,8 +131,7 @@ def _hub_dir(repo_id: str) -> Path:
         raise ModelUnavailable(f"model.name: {repo_id!r} is not a usable hub id ({exc})", param="model.name") from exc
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise ModelUnavailable(
-            f"model.name: {repo_id!r} is not cached and the Hugging Face hub cannot be reached from this machine; "
-            "use a registered model or a local directory",
+            f"model.name: {repo_id!r} is not cached and the Hugging Face hub cannot be reached from this machine; use a registered model or a local directory",
             param="model.name",
         )
     try:

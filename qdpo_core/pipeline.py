@@ -35,7 +35,6 @@ from qdpo_core.heldout import HeldOutEvaluator
 from qdpo_core.holder import ModelHolder
 from qdpo_core.workdir import WorkDir
 
-
 __all__ = ["ModelHolder", "PipelineResult", "run_pipeline"]
 
 
@@ -104,7 +103,9 @@ class Run:
     def quantize(self, emitter: Emitter) -> dict:
         fp_bytes = self.models.teacher.get_memory_footprint()
         info = self.models.quant_info.to_dict()
-        emitter.log(f"quantized {info['quantized_layers']} layers: {info['packed_bytes'] / 1e6:.1f} MB at {info['bits']} bits vs {fp_bytes / 1e6:.1f} MB full precision")
+        emitter.log(
+            f"quantized {info['quantized_layers']} layers: {info['packed_bytes'] / 1e6:.1f} MB at {info['bits']} bits vs {fp_bytes / 1e6:.1f} MB full precision"
+        )
         return {**info, "fp_memory_bytes": fp_bytes, "device": self.models.device}
 
     def pairs(self, emitter: Emitter) -> dict:
@@ -114,9 +115,11 @@ class Run:
         records = load_jsonl(self.workdir / "data" / "train.jsonl")
         ctx = PairContext(self.spec, self.models.tokenizer, self.models, emitter, self.workdir, self.should_cancel)
         summary = run_source(source_for(self.spec.method), records, ctx, self.workdir / "pairs.jsonl")
-        for key, what in (("prompts_truncated", f"prompts were longer than dataset.max_prompt_tokens={self.spec.dataset.max_prompt_tokens} and lost their beginning"),
-                          ("responses_truncated", f"supplied answers were longer than dataset.max_response_tokens={self.spec.dataset.max_response_tokens} and were cut"),
-                          ("responses_cut", f"generated answers hit generation.max_new_tokens={self.spec.generation.max_new_tokens} before finishing")):
+        for key, what in (
+            ("prompts_truncated", f"prompts were longer than dataset.max_prompt_tokens={self.spec.dataset.max_prompt_tokens} and lost their beginning"),
+            ("responses_truncated", f"supplied answers were longer than dataset.max_response_tokens={self.spec.dataset.max_response_tokens} and were cut"),
+            ("responses_cut", f"generated answers hit generation.max_new_tokens={self.spec.generation.max_new_tokens} before finishing"),
+        ):
             if summary.get(key):
                 emitter.warn(f"{summary[key]} {what}", count=summary[key])
         dropped = summary.get("dropped_identical", 0)
@@ -129,7 +132,7 @@ class Run:
             summary["notes"] = summary.get("notes", []) + [note]
             emitter.warn(note)
         if summary["examples"] == 0:
-            reasons = ", ".join(f"{v} {k[len('dropped_'):].replace('_', ' ')}" for k, v in summary.items() if k.startswith("dropped_")) or "none built"
+            reasons = ", ".join(f"{v} {k[len('dropped_') :].replace('_', ' ')}" for k, v in summary.items() if k.startswith("dropped_")) or "none built"
             raise SpecError(
                 f"dataset: every pair was dropped ({reasons}), so there is nothing to train on; "
                 "use more prompts, generation.do_sample with num_samples > 1, a lower bit width, "
@@ -190,7 +193,9 @@ class Run:
         if self.spec.eval.judge is not None:
             from qdpo_core.judge import judge_held_out
 
-            judge = judge_held_out(self.spec.eval.judge, self.models, [r["messages"] for r in rows], aligned_texts, ptq_texts, self.workdir / "evaluate" / "judge_verdicts.jsonl")
+            judge = judge_held_out(
+                self.spec.eval.judge, self.models, [r["messages"] for r in rows], aligned_texts, ptq_texts, self.workdir / "evaluate" / "judge_verdicts.jsonl"
+            )
             aligned["judge_win_rate"] = judge["win_rate"]
             emitter.log(judge["sentence"], judge=judge)
         report = build_report(

@@ -24,7 +24,10 @@ def _subset(records: list[dict], limit: int | None, seed: int) -> list[dict]:
 
 def _split(records: list[dict], fraction: float, seed: int, what: str) -> tuple[list[dict], list[dict]]:
     if len(records) < 2:
-        raise DataError(f"dataset: {what} has {len(records)} record; at least 2 are needed (one to train on, one held out to evaluate), or give eval_prompts", param="dataset")
+        raise DataError(
+            f"dataset: {what} has {len(records)} record; at least 2 are needed (one to train on, one held out to evaluate), or give eval_prompts",
+            param="dataset",
+        )
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = min(max(1, round(fraction * len(records))), len(records) - 1)

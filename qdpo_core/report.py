@@ -88,7 +88,13 @@ def print_report(report: dict) -> None:
     for key, label, pattern in ROWS:
         if key not in report["aligned"] and key not in report["ptq"]:
             continue
-        table.add_row(label, _fmt(report["fp"].get(key), pattern), _fmt(report["ptq"].get(key), pattern), _fmt(report["aligned"].get(key), pattern), _fmt(report["gap_closed"].get(key), "{:.0%}"))
+        table.add_row(
+            label,
+            _fmt(report["fp"].get(key), pattern),
+            _fmt(report["ptq"].get(key), pattern),
+            _fmt(report["aligned"].get(key), pattern),
+            _fmt(report["gap_closed"].get(key), "{:.0%}"),
+        )
     console = Console()
     console.print(table)
     console.print(report.get("verdict", ""))

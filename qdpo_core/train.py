@@ -63,16 +63,16 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainState":
+    def from_dict(cls, data: dict) -> TrainState:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def make_policy(student, spec: TrainSpec, seed: int):
     """Wrap the frozen quantized model with fresh LoRA adapters (seeded init)."""
-    from peft import LoraConfig, get_peft_model
-
     import warnings
+
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(
@@ -136,7 +136,9 @@ class Trainer:
         with torch.no_grad(), self.policy.disable_adapter():
             for number, indices in enumerate(batches, start=1):
                 for side in ("chosen", "rejected"):
-                    batch = collate([self.examples[i]["prompt_ids"] for i in indices], [self.examples[i][f"{side}_ids"] for i in indices], self.pad_id).to(self.device)
+                    batch = collate([self.examples[i]["prompt_ids"] for i in indices], [self.examples[i][f"{side}_ids"] for i in indices], self.pad_id).to(
+                        self.device
+                    )
                     logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                     logps, _ = token_logps(logits, batch)
                     for i, value in zip(indices, logps.sum(-1).tolist()):
@@ -242,7 +244,14 @@ class Trainer:
                     record["grad_norm"] = float(grad_norm)
                 state.history.append(record)
                 eta = (sum(step_times[-10:]) / len(step_times[-10:])) * (self.total_steps - step)
-                self.emitter.emit("metrics", f"step {step}/{self.total_steps} loss {record['loss']:.4f}", step=step, total=self.total_steps, eta_seconds=round(eta, 1), **{k: v for k, v in record.items() if k != "step"})
+                self.emitter.emit(
+                    "metrics",
+                    f"step {step}/{self.total_steps} loss {record['loss']:.4f}",
+                    step=step,
+                    total=self.total_steps,
+                    eta_seconds=round(eta, 1),
+                    **{k: v for k, v in record.items() if k != "step"},
+                )
                 epoch_end = position >= len(micro_batches)
                 if epoch_end:
                     state.epoch, state.position = epoch + 1, 0

@@ -28,7 +28,9 @@ class WorkDir:
         if path.is_file():
             stored = json.loads(path.read_text())
             if {"settings": comparable(stored["spec"]), "inputs": stored["inputs_sha256"]} != wanted:
-                raise SpecError("workdir: the directory holds a run of a different spec or different input files; use a new directory to start over", param="workdir")
+                raise SpecError(
+                    "workdir: the directory holds a run of a different spec or different input files; use a new directory to start over", param="workdir"
+                )
         else:
             path.write_text(json.dumps({"spec": spec_dict, "inputs_sha256": wanted["inputs"]}, indent=1))
 

@@ -31,7 +31,12 @@ def broker_transport_options(settings: Settings) -> dict:
         for sub in ("queue", "control", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         # One folder both ways: producer (API) and consumer (worker) share it.
-        return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"), "control_folder": str(folder / "control"), "processed_folder": str(folder / "processed")}
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "control_folder": str(folder / "control"),
+            "processed_folder": str(folder / "processed"),
+        }
     return {"visibility_timeout": settings.visibility_timeout_seconds}
 
 

@@ -18,6 +18,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QDPO_", env_file=None, extra="ignore", env_ignore_empty=True)
 
@@ -47,7 +48,9 @@ class Settings(BaseSettings):
     cancel_poll_seconds: float = Field(1.0, description="How often a running job checks the database for a cancel request.")
     max_attempts: int = Field(3, description="Runs of one job (first run + retries after internal errors or lost workers) before it fails.")
     retry_backoff_seconds: float = Field(10.0, description="Delay before re-running a job after an internal error (doubles each attempt).")
-    visibility_timeout_seconds: int = Field(7 * 24 * 3600, description="Redis broker: an unacknowledged job message is redelivered after this long; keep it longer than any job.")
+    visibility_timeout_seconds: int = Field(
+        7 * 24 * 3600, description="Redis broker: an unacknowledged job message is redelivered after this long; keep it longer than any job."
+    )
 
     # Reconciler (runs inside the API process; `qdpo reconcile` runs one pass by hand)
     reconcile_interval_seconds: float = Field(30.0, description="Seconds between reconciler passes in the API process; 0 = off.")

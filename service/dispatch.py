@@ -46,7 +46,12 @@ def enqueue(session: Session, *, queue: JobQueue, job: Job, reason: str | None =
         task_id = queue.enqueue(job.id)
     except Exception as exc:
         log.warning("could not enqueue %s: %s", job.id, exc)
-        jobs_crud.add_status_event(session, job_pk=job.pk, level="warning", message=f"the broker is unreachable ({type(exc).__name__}); the job stays queued and is sent again when it is back")
+        jobs_crud.add_status_event(
+            session,
+            job_pk=job.pk,
+            level="warning",
+            message=f"the broker is unreachable ({type(exc).__name__}); the job stays queued and is sent again when it is back",
+        )
         session.commit()
         return False
     jobs_crud.mark_enqueued(session, job_pk=job.pk, task_id=task_id)

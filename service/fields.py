@@ -25,7 +25,7 @@ def api_param(spec_param: str | None) -> str | None:
         return "model"
     for old, new in _PREFIXES:
         if spec_param.startswith(old):
-            return new + spec_param[len(old):]
+            return new + spec_param[len(old) :]
     return spec_param
 
 
@@ -33,7 +33,7 @@ def api_message(message: str, spec_param: str | None) -> str:
     """Rewrite the leading `train.beta:` of a pipeline message to the API's field name."""
     param = api_param(spec_param)
     if spec_param and param and message.startswith(spec_param):
-        return param + message[len(spec_param):]
+        return param + message[len(spec_param) :]
     return re.sub(r"^train\.", "method.hyperparameters.", message)
 
 

@@ -55,12 +55,18 @@ def resolve_inputs(session: Session, store: ArtifactStore, *, tenant_id: str, in
         wanted = INPUT_FILES[name]
         record = files_crud.get_file(session, tenant_id=tenant_id, file_id=file_id)
         if record is None:
-            raise NotFound(f"{wanted.param}: no file with id {file_id!r} (never uploaded, or deleted); upload it with POST /v1/files", wanted.param, code="file_not_found")
+            raise NotFound(
+                f"{wanted.param}: no file with id {file_id!r} (never uploaded, or deleted); upload it with POST /v1/files", wanted.param, code="file_not_found"
+            )
         if record.purpose != wanted.purpose:
-            raise InvalidInput(f"{wanted.param}: {file_id} is a {record.purpose} file but {wanted.role} needs a {wanted.purpose} file", wanted.param, code="wrong_file_purpose")
+            raise InvalidInput(
+                f"{wanted.param}: {file_id} is a {record.purpose} file but {wanted.role} needs a {wanted.purpose} file", wanted.param, code="wrong_file_purpose"
+            )
         path = store.absolute(record.path)
         if verify_content and (not path.is_file() or sha256_of(path) != record.sha256):
-            raise InvalidInput(f"{wanted.param}: the stored copy of {file_id} is missing or changed; upload the file again", wanted.param, code="file_corrupted")
+            raise InvalidInput(
+                f"{wanted.param}: the stored copy of {file_id} is missing or changed; upload the file again", wanted.param, code="file_corrupted"
+            )
         paths[name] = path
     return paths
 

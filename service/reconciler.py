@@ -19,13 +19,13 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from service.config import Settings
-from service.db import session_factory
-from service.crud import jobs as jobs_crud
-from service.dispatch import enqueue, validate_and_queue
-from service.tables import CANCELLED, FAILED, RUNNING, utcnow
 from service.broker import JobQueue
+from service.config import Settings
+from service.crud import jobs as jobs_crud
+from service.db import session_factory
+from service.dispatch import enqueue, validate_and_queue
 from service.storage import ArtifactStore
+from service.tables import CANCELLED, FAILED, RUNNING, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,20 @@ def _recover_expired(session, settings: Settings, queue: JobQueue, job, report: 
         if jobs_crud.finish(session, job_pk=job.pk, owner=owner, status=CANCELLED, accept=accept, message="cancelled (its worker was lost while stopping)"):
             report.cancelled_expired.append(job.id)
     elif job.attempts >= settings.max_attempts:
-        error = {"code": "worker_lost", "message": f"the job's worker stopped responding {job.attempts} times (last: {owner}); it may need more memory than a worker has", "param": None}
+        error = {
+            "code": "worker_lost",
+            "message": f"the job's worker stopped responding {job.attempts} times (last: {owner}); it may need more memory than a worker has",
+            "param": None,
+        }
         if jobs_crud.finish(session, job_pk=job.pk, owner=owner, status=FAILED, accept=accept, message=error["message"], level="error", error=error):
             report.failed_expired.append(job.id)
-    elif jobs_crud.mark_queued(session, job_pk=job.pk, accept=(RUNNING,), message=f"worker {owner} stopped renewing its lease; re-queued to resume from the last checkpoint", level="warning"):
+    elif jobs_crud.mark_queued(
+        session,
+        job_pk=job.pk,
+        accept=(RUNNING,),
+        message=f"worker {owner} stopped renewing its lease; re-queued to resume from the last checkpoint",
+        level="warning",
+    ):
         enqueue(session, queue=queue, job=job)
         report.requeued_expired.append(job.id)
 

@@ -53,8 +53,13 @@ class LocalChatModel:
         with self.lock, torch.no_grad():
             torch.manual_seed(seed)
             out = self.model.generate(
-                **inputs, max_new_tokens=max_tokens, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                output_logits=True, return_dict_in_generate=True, **sampling,
+                **inputs,
+                max_new_tokens=max_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **sampling,
             )
         new = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         finish = "stop" if new and new[-1] == self.tokenizer.eos_token_id else "length"
@@ -66,11 +71,13 @@ class LocalChatModel:
             for token, logits in zip(new, out.logits):
                 row = torch.log_softmax(logits[0].float(), -1)  # (V,)
                 values, ids = row.topk(top_logprobs)
-                content.append({
-                    "token": self.tokenizer.decode([token]),
-                    "logprob": float(row[token]),
-                    "top_logprobs": [{"token": self.tokenizer.decode([i]), "logprob": float(v)} for v, i in zip(values.tolist(), ids.tolist())],
-                })
+                content.append(
+                    {
+                        "token": self.tokenizer.decode([token]),
+                        "logprob": float(row[token]),
+                        "top_logprobs": [{"token": self.tokenizer.decode([i]), "logprob": float(v)} for v, i in zip(values.tolist(), ids.tolist())],
+                    }
+                )
             logprobs = {"content": content}
         return self.tokenizer.decode(new, skip_special_tokens=True), logprobs, finish
 
@@ -103,7 +110,9 @@ def rule_reply(prompt: str, blank_answer: str) -> str:
     return "Yes"
 
 
-def create_app(model_dir=None, mode: str = "model", delay: float = 5.0, fail_first: int = 0, api_key: str | None = None, blank_answer: str = "Paris", chat=None) -> FastAPI:
+def create_app(
+    model_dir=None, mode: str = "model", delay: float = 5.0, fail_first: int = 0, api_key: str | None = None, blank_answer: str = "Paris", chat=None
+) -> FastAPI:
     """`chat`: an already built LocalChatModel to share between apps (else one is loaded from model_dir)."""
     app = FastAPI()
     app.state.requests = []
@@ -128,7 +137,12 @@ def create_app(model_dir=None, mode: str = "model", delay: float = 5.0, fail_fir
             return JSONResponse(_completion(payload["model"], rule_reply(payload["messages"][-1]["content"], blank_answer)))
         top = payload.get("top_logprobs") if payload.get("logprobs") else None
         text, logprobs, finish = await asyncio.to_thread(
-            chat.complete, payload["messages"], int(payload.get("max_tokens") or 16), float(payload.get("temperature") or 0.0), int(payload.get("seed") or 0), top
+            chat.complete,
+            payload["messages"],
+            int(payload.get("max_tokens") or 16),
+            float(payload.get("temperature") or 0.0),
+            int(payload.get("seed") or 0),
+            top,
         )
         return JSONResponse(_completion(payload["model"], text, logprobs, finish))
 
@@ -157,5 +171,3 @@ def serve(app: FastAPI):
         server.should_exit = True
         thread.join(10)
         sock.close()
-
-

@@ -11,8 +11,8 @@ import logging
 import threading
 import time
 
-from service.db import session_factory
 from service.crud import jobs as jobs_crud
+from service.db import session_factory
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Lease:
         self._cancel_requested = False
         self._last_poll = 0.0
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self._thread.start()
         return self
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from service.db import session_scope
+from qdpo_core.events import STAGES, Event
 from service.crud import events as events_crud
 from service.crud import jobs as jobs_crud
-from qdpo_core.events import STAGES, Event
+from service.db import session_scope
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
@@ -43,12 +43,29 @@ class EventRecorder:
             return
         message = event.message.replace(self.workdir, "<workdir>") if self.workdir else event.message  # server paths are not the client's business
         with session_scope(self.database_url) as session:
-            events_crud.add_event(session, job_pk=self.job_pk, type=event.type, stage=event.stage, message=message, level=event.level, step=event.step, total=event.total, data=_jsonable(event.data))
+            events_crud.add_event(
+                session,
+                job_pk=self.job_pk,
+                type=event.type,
+                stage=event.stage,
+                message=message,
+                level=event.level,
+                step=event.step,
+                total=event.total,
+                data=_jsonable(event.data),
+            )
             if event.type == "metrics" and event.step is not None:
                 events_crud.upsert_metric(session, job_pk=self.job_pk, step=event.step, total_steps=event.total, values=_jsonable(event.data))
             elif event.type == "checkpoint" and event.step is not None:
                 data = event.data or {}
-                events_crud.upsert_checkpoint(session, job_pk=self.job_pk, step=event.step, path=data.get("path"), metrics=_jsonable(data.get("metrics") or {}), is_best=bool(data.get("is_best")))
+                events_crud.upsert_checkpoint(
+                    session,
+                    job_pk=self.job_pk,
+                    step=event.step,
+                    path=data.get("path"),
+                    metrics=_jsonable(data.get("metrics") or {}),
+                    is_best=bool(data.get("is_best")),
+                )
         if event.type == "stage" and event.message == "started":
             self.stage, self.stage_started = event.stage, time.monotonic()
             self._write_progress(self._progress_dict(None, None, None), stage=event.stage)

@@ -16,17 +16,17 @@ import shutil
 import socket
 from dataclasses import dataclass
 
-from service.config import Settings
-from service.db import session_factory
-from service.crud import events as events_crud
-from service.crud import jobs as jobs_crud
-from service.fields import api_message, api_param, fine_tuned_model_name
-from service.inputs import resolve_inputs, spec_with_inputs
-from service.tables import CANCELLED, FAILED, SUCCEEDED, Job
-from service.storage import ArtifactStore
 from qdpo_core.config import PipelineSpec
 from qdpo_core.errors import Cancelled, QdpoError
+from service.config import Settings
+from service.crud import events as events_crud
+from service.crud import jobs as jobs_crud
+from service.db import session_factory
 from service.errors import ServiceError
+from service.fields import api_message, api_param, fine_tuned_model_name
+from service.inputs import resolve_inputs, spec_with_inputs
+from service.storage import ArtifactStore
+from service.tables import CANCELLED, FAILED, SUCCEEDED, Job
 from worker.archive import build_archive
 from worker.lease import Lease
 from worker.recorder import EventRecorder
@@ -55,7 +55,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def out_of_memory_error(exc: BaseException) -> dict:
-    return {"code": "out_of_memory", "message": f"the worker ran out of memory ({type(exc).__name__}); lower method.hyperparameters.batch_size, generation.batch_size or eval.batch_size, or use a smaller model", "param": "method.hyperparameters.batch_size"}
+    return {
+        "code": "out_of_memory",
+        "message": f"the worker ran out of memory ({type(exc).__name__}); lower method.hyperparameters.batch_size, generation.batch_size or eval.batch_size, or use a smaller model",
+        "param": "method.hyperparameters.batch_size",
+    }
 
 
 class JobRunner:
@@ -119,7 +123,12 @@ class JobRunner:
         if job.attempts < self.settings.max_attempts:
             countdown = self.settings.retry_backoff_seconds * 2 ** (job.attempts - 1)
             with self.sessions() as session:
-                released = jobs_crud.release(session, job_pk=job.pk, owner=self.owner, message=f"attempt {job.attempts} failed ({type(exc).__name__}: {exc}); retrying in {countdown:.0f} s from the last checkpoint")
+                released = jobs_crud.release(
+                    session,
+                    job_pk=job.pk,
+                    owner=self.owner,
+                    message=f"attempt {job.attempts} failed ({type(exc).__name__}: {exc}); retrying in {countdown:.0f} s from the last checkpoint",
+                )
             if released:
                 raise RetryLater(countdown)
             return "lost"
@@ -136,8 +145,14 @@ class JobRunner:
             events_crud.mark_selected_checkpoint(session, job_pk=job.pk, step=(result.report or {}).get("selected_checkpoint"))
             session.commit()
         return self._finish(
-            job, SUCCEEDED, f"succeeded; adapter {size:,} bytes, sha256 {sha256[:12]}…",
-            report=result.report, adapter_path=relative, adapter_sha256=sha256, adapter_bytes=size, fine_tuned_model=fine_tuned_model_name(model=job.model, method=job.method, quantization=job.spec["quantization"], suffix=job.suffix, job_id=job.id),
+            job,
+            SUCCEEDED,
+            f"succeeded; adapter {size:,} bytes, sha256 {sha256[:12]}…",
+            report=result.report,
+            adapter_path=relative,
+            adapter_sha256=sha256,
+            adapter_bytes=size,
+            fine_tuned_model=fine_tuned_model_name(model=job.model, method=job.method, quantization=job.spec["quantization"], suffix=job.suffix, job_id=job.id),
         )
 
     def _finish(self, job: Job, status: str, message: str, **values) -> str:

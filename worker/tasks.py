@@ -6,8 +6,8 @@ import logging
 
 from celery import shared_task
 
-from service.config import get_settings
 from service.broker import TASK_NAME
+from service.config import get_settings
 from worker.runner import JobRunner, RetryLater
 
 log = logging.getLogger(__name__)

@@ -12,27 +12,40 @@ from fastapi.responses import FileResponse
 
 from api import metrics
 from api.core.errors import ApiError
-from service.errors import not_found
-from service.security import new_id
-from service.crud import files as files_crud
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from service.tables import File
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.files import FilePublic, FilePurpose
-from service.storage import CHUNK
 from qdpo_core.datasets import parse_lines
 from qdpo_core.errors import DataError
+from service.crud import files as files_crud
+from service.errors import not_found
+from service.security import new_id
+from service.storage import CHUNK
+from service.tables import File
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/files", tags=["files"])
 
 
 def file_public(record: File) -> FilePublic:
-    return FilePublic(id=record.id, purpose=record.purpose, filename=record.filename, bytes=record.bytes, rows=record.rows, sha256=record.sha256, created_at=int(record.created_at.timestamp()))
+    return FilePublic(
+        id=record.id,
+        purpose=record.purpose,
+        filename=record.filename,
+        bytes=record.bytes,
+        rows=record.rows,
+        sha256=record.sha256,
+        created_at=int(record.created_at.timestamp()),
+    )
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "file_too_large", f"file: larger than this deployment's limit of {limit:,} bytes; split it or ask the operator to raise QDPO_MAX_UPLOAD_BYTES", "file")
+    return ApiError(
+        413,
+        "file_too_large",
+        f"file: larger than this deployment's limit of {limit:,} bytes; split it or ask the operator to raise QDPO_MAX_UPLOAD_BYTES",
+        "file",
+    )
 
 
 @router.post("", status_code=201, response_model=FilePublic, responses=error_responses(401, 413, 422))
@@ -42,7 +55,12 @@ def upload_file(
     store: StoreDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, Form(description="JSONL, one record per line (see the `purpose` for the accepted shapes).")],
-    purpose: Annotated[FilePurpose, Form(description="prompts: {'prompt'} or {'messages'} lines; preferences: TRL {'prompt','chosen','rejected'} or OpenAI preference lines; references: {'text', 'title'?} passages for the factuality scorer.")],
+    purpose: Annotated[
+        FilePurpose,
+        Form(
+            description="prompts: {'prompt'} or {'messages'} lines; preferences: TRL {'prompt','chosen','rejected'} or OpenAI preference lines; references: {'text', 'title'?} passages for the factuality scorer."
+        ),
+    ],
 ) -> FilePublic:
     """Upload a JSONL dataset; it is validated line by line and stored only if every line is valid."""
     staging = store.staging_file()
@@ -62,7 +80,17 @@ def upload_file(
         store.commit(staging, relative)
         filename = PurePath(file.filename or "upload.jsonl").name[:255] or "upload.jsonl"
         try:
-            record = files_crud.create_file(session, file_id=file_id, tenant_id=tenant.id, purpose=purpose, filename=filename, size=size, rows=rows, sha256=digest.hexdigest(), path=relative)
+            record = files_crud.create_file(
+                session,
+                file_id=file_id,
+                tenant_id=tenant.id,
+                purpose=purpose,
+                filename=filename,
+                size=size,
+                rows=rows,
+                sha256=digest.hexdigest(),
+                path=relative,
+            )
         except Exception:
             store.delete(relative)  # no stored file without its row
             raise
@@ -113,7 +141,9 @@ def delete_file(file_id: str, tenant: CurrentTenant, session: SessionDep, store:
     record = _get(session, tenant, file_id)
     users = files_crud.active_jobs_using(session, tenant_id=tenant.id, file_id=file_id)
     if users:
-        raise ApiError(409, "file_in_use", f"file_id: {file_id} is an input of unfinished job(s) {', '.join(users)}; cancel them or wait until they finish", "file_id")
+        raise ApiError(
+            409, "file_in_use", f"file_id: {file_id} is an input of unfinished job(s) {', '.join(users)}; cancel them or wait until they finish", "file_id"
+        )
     relative = record.path
     files_crud.delete_file(session, record=record)
     store.delete(relative)

@@ -13,19 +13,29 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.core.errors import ApiError
-from service.crud import events as events_crud
 from api.deps import CurrentTenant, SessionDep, StoreDep
-from service.tables import SUCCEEDED, TERMINAL_STATUSES, Job, JobEvent
 from api.routes.jobs import get_tenant_job
 from api.schemas.common import Page, error_responses
 from api.schemas.jobs import CheckpointList, CheckpointPublic, EventPublic, MetricList, MetricPublic
+from service.crud import events as events_crud
+from service.tables import SUCCEEDED, TERMINAL_STATUSES, Job, JobEvent
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["job outputs"])
 STREAM_BATCH = 200
 
 
 def event_public(event: JobEvent) -> EventPublic:
-    return EventPublic(id=events_crud.event_public_id(event.pk), created_at=event.created_at.timestamp(), type=event.type, stage=event.stage, level=event.level, message=event.message, step=event.step, total=event.total, data=event.data or {})
+    return EventPublic(
+        id=events_crud.event_public_id(event.pk),
+        created_at=event.created_at.timestamp(),
+        type=event.type,
+        stage=event.stage,
+        level=event.level,
+        message=event.message,
+        step=event.step,
+        total=event.total,
+        data=event.data or {},
+    )
 
 
 def _wants_stream(request: Request, stream: bool) -> bool:
@@ -35,7 +45,10 @@ def _wants_stream(request: Request, stream: bool) -> bool:
 @router.get(
     "/events",
     response_model=Page[EventPublic],
-    responses={200: {"content": {"text/event-stream": {"description": "With `stream=true` or `Accept: text/event-stream`: one SSE message per event, then `end`."}}}, **error_responses(401, 404, 422)},
+    responses={
+        200: {"content": {"text/event-stream": {"description": "With `stream=true` or `Accept: text/event-stream`: one SSE message per event, then `end`."}}},
+        **error_responses(401, 404, 422),
+    },
 )
 def list_events(
     job_id: str,
@@ -107,7 +120,23 @@ def _require_success(job: Job, what: str) -> None:
 
 @router.get(
     "/report",
-    responses={200: {"content": {"application/json": {"example": {"fp": {}, "ptq": {"token_flip_rate": 0.689, "kl": 2.48}, "aligned": {"token_flip_rate": 0.452, "kl": 0.95}, "gap_closed": {"token_flip_rate": 0.34}, "selected_checkpoint": 60}}, "text/markdown": {}}}, **error_responses(401, 404, 409)},
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "fp": {},
+                        "ptq": {"token_flip_rate": 0.689, "kl": 2.48},
+                        "aligned": {"token_flip_rate": 0.452, "kl": 0.95},
+                        "gap_closed": {"token_flip_rate": 0.34},
+                        "selected_checkpoint": 60,
+                    }
+                },
+                "text/markdown": {},
+            }
+        },
+        **error_responses(401, 404, 409),
+    },
 )
 def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep, format: Annotated[Literal["json", "markdown"], Query()] = "json"):
     """The evaluation report: full precision vs quantized vs aligned, and how much of the gap closed."""
@@ -123,7 +152,13 @@ def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep, store: S
 @router.get(
     "/adapter",
     response_class=FileResponse,
-    responses={200: {"content": {"application/gzip": {}}, "description": "tar.gz of adapter/ (PEFT), manifest.json, report.json, report.md. ETag and Repr-Digest carry its sha256."}, **error_responses(401, 404, 409)},
+    responses={
+        200: {
+            "content": {"application/gzip": {}},
+            "description": "tar.gz of adapter/ (PEFT), manifest.json, report.json, report.md. ETag and Repr-Digest carry its sha256.",
+        },
+        **error_responses(401, 404, 409),
+    },
 )
 def download_adapter(job_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep) -> FileResponse:
     """Download the trained adapter as one archive (Content-Length, sha256 in ETag and Repr-Digest)."""

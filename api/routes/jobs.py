@@ -9,16 +9,16 @@ from sqlalchemy.exc import IntegrityError
 
 from api import metrics
 from api.core.errors import ApiError
-from service.errors import not_found
-from service.security import new_id
-from service.crud import jobs as jobs_crud
 from api.deps import CurrentTenant, QueueDep, SessionDep, StoreDep
-from service.dispatch import validate_and_queue
 from api.jobspec import build_spec, job_public
-from service.inputs import resolve_inputs
-from service.tables import TERMINAL_STATUSES, VALIDATING, Job
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
+from service.crud import jobs as jobs_crud
+from service.dispatch import validate_and_queue
+from service.errors import not_found
+from service.inputs import resolve_inputs
+from service.security import new_id
+from service.tables import TERMINAL_STATUSES, VALIDATING, Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -38,7 +38,9 @@ def create_job(
     store: StoreDep,
     queue: QueueDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=255, description="Retrying with the same key returns the job created the first time instead of a second one.")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=255, description="Retrying with the same key returns the job created the first time instead of a second one.")
+    ] = None,
 ) -> JobPublic:
     """Create a job; it is validated completely, stored, and only then queued."""
     if idempotency_key and (earlier := jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key)):
@@ -47,8 +49,17 @@ def create_job(
     spec, inputs = build_spec(body)
     resolve_inputs(session, store, tenant_id=tenant.id, inputs=inputs)
     job = Job(
-        id=new_id("job"), tenant_id=tenant.id, status=VALIDATING, model=body.model, method=spec["method"], spec=spec, inputs=inputs,
-        request=body.model_dump(exclude_none=True), suffix=body.suffix, metadata_=body.metadata or {}, idempotency_key=idempotency_key,
+        id=new_id("job"),
+        tenant_id=tenant.id,
+        status=VALIDATING,
+        model=body.model,
+        method=spec["method"],
+        spec=spec,
+        inputs=inputs,
+        request=body.model_dump(exclude_none=True),
+        suffix=body.suffix,
+        metadata_=body.metadata or {},
+        idempotency_key=idempotency_key,
     )
     try:
         jobs_crud.create_job(session, job=job)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.errors import not_found
 from api.deps import CurrentTenant
 from api.schemas.common import error_responses
 from api.schemas.models import ModelList, ModelPublic
 from qdpo_core import registry
+from service.errors import not_found
 
 router = APIRouter(prefix="/models", tags=["models"])
 

@@ -11,7 +11,9 @@ T = TypeVar("T")
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable, machine-readable error code.", examples=["invalid_spec"])
-    message: str = Field(description="What is wrong and how to fix it.", examples=["method.hyperparameters.beta: got 20; use a number in (0, 10], typically 0.05–0.5"])
+    message: str = Field(
+        description="What is wrong and how to fix it.", examples=["method.hyperparameters.beta: got 20; use a number in (0, 10], typically 0.05–0.5"]
+    )
     param: str | None = Field(None, description="The request field at fault, as a dotted path.", examples=["method.hyperparameters.beta"])
 
 

@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.tables import JOB_STATUSES
 from api.schemas.spec_models import (
     DatasetOptions,
     EvalSettings,
@@ -17,6 +16,7 @@ from api.schemas.spec_models import (
     RLAIFSettings,
 )
 from qdpo_core.config import METHODS
+from service.tables import JOB_STATUSES
 
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 MethodType = Literal[METHODS]  # type: ignore[valid-type]
@@ -26,7 +26,9 @@ MAX_METADATA_PAIRS = 16
 class DatasetSettings(DatasetOptions):
     """Training data: an uploaded file, or none for the built-in prompt set."""
 
-    file_id: str | None = Field(None, description="Uploaded file: purpose 'prompts' for qdpo/kd/rlaif/factuality, 'preferences' for dpo. Empty = built-in prompts.")
+    file_id: str | None = Field(
+        None, description="Uploaded file: purpose 'prompts' for qdpo/kd/rlaif/factuality, 'preferences' for dpo. Empty = built-in prompts."
+    )
     eval_file_id: str | None = Field(None, description="Uploaded prompts file held out for evaluation; empty = a seeded split of the training prompts.")
 
 
@@ -39,7 +41,9 @@ class FactualityOptions(FactualitySettings):
 class MethodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: MethodType = Field("qdpo", description="qdpo (FP answer chosen, quantized answer rejected), dpo (your preference pairs), kd (distillation baseline), rlaif, factuality.")
+    type: MethodType = Field(
+        "qdpo", description="qdpo (FP answer chosen, quantized answer rejected), dpo (your preference pairs), kd (distillation baseline), rlaif, factuality."
+    )
     hyperparameters: Hyperparameters | None = None
     rlaif: RLAIFSettings | None = Field(None, description="Only for type 'rlaif'.")
     factuality: FactualityOptions | None = Field(None, description="Only for type 'factuality'.")
@@ -56,7 +60,10 @@ class JobCreate(BaseModel):
                     "model": "smollm2-135m-instruct",
                     "quantization": {"method": "rtn", "bits": 3, "group_size": 64},
                     "dataset": {"file_id": "file_8f2c1e0a9b7d6c5e4f3a2b1c", "eval_fraction": 0.1},
-                    "method": {"type": "qdpo", "hyperparameters": {"beta": 0.1, "learning_rate": 1e-4, "epochs": 2, "batch_size": 4, "lora_rank": 16, "loss": "sigmoid"}},
+                    "method": {
+                        "type": "qdpo",
+                        "hyperparameters": {"beta": 0.1, "learning_rate": 1e-4, "epochs": 2, "batch_size": 4, "lora_rank": 16, "loss": "sigmoid"},
+                    },
                     "seed": 0,
                     "suffix": "support-bot",
                     "metadata": {"team": "search"},
@@ -72,7 +79,12 @@ class JobCreate(BaseModel):
     generation: GenerationSettings | None = None
     eval: EvalSettings | None = None
     seed: int | None = Field(None, description="Seeds data order, splits, sampling and LoRA init. Default: 0.")
-    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Up to 64 letters, digits, '.', '_' or '-', added to the fine-tuned model name.")
+    suffix: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Up to 64 letters, digits, '.', '_' or '-', added to the fine-tuned model name.",
+    )
     metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_PAIRS} key/value pairs (keys up to 64 characters, values up to 512).")
 
     @field_validator("metadata")

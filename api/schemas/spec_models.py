@@ -32,7 +32,7 @@ def _translate(hint: Any, cache: dict) -> Any:
         return model_for(hint, cache=cache)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return typing.Union[tuple(_translate(a, cache) for a in typing.get_args(hint))]  # type: ignore[return-value]
+        return typing.Union[tuple(_translate(a, cache) for a in typing.get_args(hint))]  # type: ignore[return-value]  # noqa: UP007 (built at run time)
     return hint
 
 
@@ -55,7 +55,9 @@ def model_for(cls: type, name: str | None = None, doc: str | None = None, exclud
             continue
         hint = _translate(hints[f.name], cache)
         fields[f.name] = (hint | None, Field(None, description=_describe(f)))
-    model = create_model(name or cls.__name__.replace("Spec", "Settings"), __base__=SpecModel, __doc__=doc or f"Settings of qdpo_core's {cls.__name__}.", **fields)
+    model = create_model(
+        name or cls.__name__.replace("Spec", "Settings"), __base__=SpecModel, __doc__=doc or f"Settings of qdpo_core's {cls.__name__}.", **fields
+    )
     cache[key] = model
     return model
 

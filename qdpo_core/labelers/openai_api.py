@@ -111,19 +111,29 @@ class OpenAILabeler:
         except _Retryable as exc:
             raise self._unavailable(f"answered HTTP {exc.response.status_code} {_snippet(exc.response)} after {self.spec.max_retries + 1} attempts") from exc
         except httpx.TimeoutException as exc:
-            raise self._unavailable(f"did not answer within labeler.timeout_seconds={self.spec.timeout_seconds:g} s ({self.spec.max_retries + 1} attempts)") from exc
+            raise self._unavailable(
+                f"did not answer within labeler.timeout_seconds={self.spec.timeout_seconds:g} s ({self.spec.max_retries + 1} attempts)"
+            ) from exc
         except httpx.TransportError as exc:
             raise self._unavailable(f"cannot be reached ({type(exc).__name__}: {exc}) after {self.spec.max_retries + 1} attempts") from exc
         if response.status_code in (401, 403):
-            raise self._unavailable(f"refused the credentials (HTTP {response.status_code}); put the API key in the environment variable {self.spec.api_key_env}")
+            raise self._unavailable(
+                f"refused the credentials (HTTP {response.status_code}); put the API key in the environment variable {self.spec.api_key_env}"
+            )
         if response.status_code >= 400:
             raise self._unavailable(f"answered HTTP {response.status_code} {_snippet(response)}; check base_url and model {self.spec.model!r}")
         try:
             body = response.json()
         except ValueError as exc:
-            raise LabelerBadResponse(f"{self._param}: {self.base_url} answered with something that is not JSON ({_snippet(response)}); is it an OpenAI-compatible /chat/completions endpoint?", param=self._param) from exc
+            raise LabelerBadResponse(
+                f"{self._param}: {self.base_url} answered with something that is not JSON ({_snippet(response)}); is it an OpenAI-compatible /chat/completions endpoint?",
+                param=self._param,
+            ) from exc
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"] or not isinstance(body["choices"][0], dict):
-            raise LabelerBadResponse(f"{self._param}: {self.base_url} answered JSON without 'choices' ({_snippet(response)}); is it an OpenAI-compatible /chat/completions endpoint?", param=self._param)
+            raise LabelerBadResponse(
+                f"{self._param}: {self.base_url} answered JSON without 'choices' ({_snippet(response)}); is it an OpenAI-compatible /chat/completions endpoint?",
+                param=self._param,
+            )
         return body
 
     def _unavailable(self, what: str) -> LabelerUnavailable:

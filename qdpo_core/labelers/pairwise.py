@@ -74,7 +74,10 @@ def compare(labeler: Labeler, items: list[tuple[list[dict], str, str]], chain_of
         # the labeler first writes its reasoning, then is asked for the verdict in a second turn
         openers = [comparison_prompt(m, x, y, _ASK_RATIONALE) for m, x, y in asks]
         rationales = labeler.reply(openers, max_tokens=rationale_tokens)
-        conversations = [opener + [{"role": "assistant", "content": why or "(no rationale)"}, {"role": "user", "content": _ASK_VERDICT}] for opener, why in zip(openers, rationales)]
+        conversations = [
+            opener + [{"role": "assistant", "content": why or "(no rationale)"}, {"role": "user", "content": _ASK_VERDICT}]
+            for opener, why in zip(openers, rationales)
+        ]
     else:
         conversations = [comparison_prompt(m, x, y) for m, x, y in asks]
     verdicts = labeler.choose(conversations, CHOICES)

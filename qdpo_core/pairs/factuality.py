@@ -101,7 +101,7 @@ def support_question(prompt: list[dict], claim: str, passages: list[dict]) -> li
     shown = "\n\n".join((f"[{p['title']}] " if p.get("title") else "") + p["text"] for p in passages)
     text = (
         f"Reference passages:\n{shown}\n\n"
-        f"Context: the statement below comes from an answer to \"{render_conversation(prompt)}\".\n"
+        f'Context: the statement below comes from an answer to "{render_conversation(prompt)}".\n'
         f"Statement: {claim}\n\n"
         "Is the statement supported by the reference passages? Answer Yes or No."
     )

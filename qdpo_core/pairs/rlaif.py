@@ -57,7 +57,9 @@ class RLAIFPairs:
                 to_label.append((example, a, b))
             examples.append(example)
         settings = rlaif.labeler
-        comparisons = compare(self.labeler(ctx), [(e["messages"], a.text, b.text) for e, a, b in to_label], settings.chain_of_thought, settings.rationale_tokens)
+        comparisons = compare(
+            self.labeler(ctx), [(e["messages"], a.text, b.text) for e, a, b in to_label], settings.chain_of_thought, settings.rationale_tokens
+        )
         for (example, a, b), comparison in zip(to_label, comparisons):
             self._label(example, a, b, comparison, rlaif.min_confidence, ctx)
         return examples

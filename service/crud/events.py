@@ -18,13 +18,24 @@ def event_public_id(pk: int) -> str:
 def parse_event_cursor(after: str | None) -> int:
     if after is None:
         return 0
-    digits = after[len(EVENT_PREFIX):] if after.startswith(EVENT_PREFIX) else ""
+    digits = after[len(EVENT_PREFIX) :] if after.startswith(EVENT_PREFIX) else ""
     if not digits.isdigit():
         raise InvalidInput(f"after: {after!r} is not an event id (they look like 'evt_123')", "after", code="invalid_cursor")
     return int(digits)
 
 
-def add_event(session: Session, *, job_pk: int, type: str, stage: str | None, message: str, level: str = "info", step: int | None = None, total: int | None = None, data: dict | None = None) -> None:
+def add_event(
+    session: Session,
+    *,
+    job_pk: int,
+    type: str,
+    stage: str | None,
+    message: str,
+    level: str = "info",
+    step: int | None = None,
+    total: int | None = None,
+    data: dict | None = None,
+) -> None:
     session.add(JobEvent(job_pk=job_pk, type=type, stage=stage, level=level, message=message, step=step, total=total, data=data or {}))
 
 

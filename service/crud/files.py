@@ -6,7 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.crud.pagination import page
-from service.tables import File, Job, TERMINAL_STATUSES
+from service.tables import TERMINAL_STATUSES, File, Job
 
 
 def create_file(session: Session, *, file_id: str, tenant_id: str, purpose: str, filename: str, size: int, rows: int, sha256: str, path: str) -> File:

@@ -106,7 +106,14 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: float, ta
         update(Job)
         .where(Job.pk == job.pk)
         .where((Job.status == QUEUED) | ((Job.status == RUNNING) & (Job.lease_expires_at < now)))
-        .values(status=RUNNING, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds), attempts=Job.attempts + 1, task_id=task_id, updated_at=now)
+        .values(
+            status=RUNNING,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Job.attempts + 1,
+            task_id=task_id,
+            updated_at=now,
+        )
         .execution_options(synchronize_session=False)
     )
     if session.execute(statement).rowcount != 1:
@@ -135,7 +142,9 @@ def cancel_state(session: Session, *, job_pk: int, owner: str) -> tuple[bool, bo
     return bool(row.cancel_requested), row.lease_owner == owner
 
 
-def finish(session: Session, *, job_pk: int, owner: str | None, status: str, message: str, level: str = "info", accept: tuple[str, ...] = LIVE_STATUSES, **values) -> bool:
+def finish(
+    session: Session, *, job_pk: int, owner: str | None, status: str, message: str, level: str = "info", accept: tuple[str, ...] = LIVE_STATUSES, **values
+) -> bool:
     """Enter a terminal state (only if the lease is still `owner`'s, when given)."""
     assert status in TERMINAL_STATUSES
     done = _cas(session, job_pk, accept, owner=owner, status=status, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, **values)

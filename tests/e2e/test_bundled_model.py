@@ -38,7 +38,9 @@ def test_qdpo_on_bundled_smollm2_exports_an_adapter_that_changes_the_quantized_m
     manifest = verify(result.export_dir)
     assert manifest["base_model"]["name"] == "smollm2-135m-instruct"
     model, tokenizer = load_aligned(result.export_dir, device="cpu")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit that is yellow."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a fruit that is yellow."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         aligned = model(**prompt).logits
         with model.disable_adapter():

@@ -83,10 +83,17 @@ def test_factuality_job_with_consistency_scores_on_bundled_smollm2(tmp_path):
         {
             **SMALL_JOB,
             "method": "factuality",
-            "dataset": {"prompts": _prompts_file(tmp_path / "train.jsonl", FACT_QUESTIONS), "eval_prompts": _prompts_file(tmp_path / "eval.jsonl", HELD_OUT_QUESTIONS)},
+            "dataset": {
+                "prompts": _prompts_file(tmp_path / "train.jsonl", FACT_QUESTIONS),
+                "eval_prompts": _prompts_file(tmp_path / "eval.jsonl", HELD_OUT_QUESTIONS),
+            },
             "generation": {"max_new_tokens": 16, "batch_size": 9},
             "factuality": {
-                "scorer": "consistency", "num_samples": 3, "num_questions": 2, "max_claims": 1, "min_score_gap": 0.0,
+                "scorer": "consistency",
+                "num_samples": 3,
+                "num_questions": 2,
+                "max_claims": 1,
+                "min_score_gap": 0.0,
                 "labeler": {"model": MODEL, "batch_size": 9},
             },
         }

@@ -26,9 +26,9 @@ TINY_JOB = {
 
 
 def _deployment(name: str, tmp_path_factory, overrides: dict) -> tuple[Deployment, list]:
+    from api.main import create_app
     from service.config import Settings
     from service.migrate import upgrade
-    from api.main import create_app
 
     db_name, db_url = create_database(f"qdpo_test_{name}")
     queue = f"qdpo_test_{name}_{secrets.token_hex(4)}"

@@ -33,4 +33,10 @@ def upload(client: httpx.Client, content: bytes, purpose: str = "prompts", filen
 
 PROMPTS = [{"prompt": f"Name {n} colours of the rainbow."} for n in range(1, 9)]
 PREFERENCES_TRL = [{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."}]
-PREFERENCES_OPENAI = [{"input": {"messages": [{"role": "user", "content": "Say hi."}]}, "preferred_output": [{"role": "assistant", "content": "Hi!"}], "non_preferred_output": [{"role": "assistant", "content": "No."}]}]
+PREFERENCES_OPENAI = [
+    {
+        "input": {"messages": [{"role": "user", "content": "Say hi."}]},
+        "preferred_output": [{"role": "assistant", "content": "Hi!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "No."}],
+    }
+]

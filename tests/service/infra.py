@@ -92,7 +92,7 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self.thread.start()
         wait_for(lambda: self.server.started, 30, what="the API server")
         return self
@@ -109,11 +109,18 @@ class WorkerProcess:
         self.env, self.log_path = env, log_path
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90) -> "WorkerProcess":
+    def start(self, timeout: float = 90) -> WorkerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         name = f"test-{secrets.token_hex(3)}@%h"
-        self.process = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "worker", "--loglevel=INFO", f"--hostname={name}"], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qdpo_cli.main", "worker", "--loglevel=INFO", f"--hostname={name}"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         wait_for(lambda: self._ready(offset), timeout, 0.3, what=f"the worker to start (log: {self.log_path})")
         return self
@@ -159,8 +166,8 @@ class Deployment:
         return Client(self.base_url, api_key=key or self.admin_key, max_retries=1, timeout=60)
 
     def new_key(self, tenant: str) -> str:
-        from service.db import session_factory
         from service.crud.keys import create_key
+        from service.db import session_factory
 
         with session_factory(self.settings.resolved_database_url)() as session:
             return create_key(session, tenant_name=tenant)[1]

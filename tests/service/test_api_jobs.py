@@ -81,7 +81,12 @@ def test_job_with_uploaded_files(http):
         ({"eval": {"judge": {"kind": "openai", "base_url": "http://x/v1", "api_key_env": "QDPO_DATABASE_URL"}}}, 422, "invalid_spec", "eval.judge.api_key_env"),
         ({"method": {"type": "factuality", "factuality": {"scorer": "reference"}}}, 422, "invalid_spec", "method.factuality.references_file_id"),
         ({"method": {"type": "factuality", "factuality": {"references": "/etc/passwd"}}}, 422, "invalid_request", "method.factuality.references"),
-        ({"method": {"type": "factuality", "factuality": {"scorer": "reference", "references_file_id": "file_nope"}}}, 404, "file_not_found", "method.factuality.references_file_id"),
+        (
+            {"method": {"type": "factuality", "factuality": {"scorer": "reference", "references_file_id": "file_nope"}}},
+            404,
+            "file_not_found",
+            "method.factuality.references_file_id",
+        ),
     ],
 )
 def test_bad_job_input_names_the_field_and_stores_nothing(http, body, status, code, param):

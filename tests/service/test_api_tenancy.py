@@ -30,8 +30,8 @@ def test_requests_without_a_valid_key_get_401(api_deployment, tenant_key):
 
 
 def test_a_revoked_key_stops_working(api_deployment):
-    from service.db import session_factory
     from service.crud import keys as keys_crud
+    from service.db import session_factory
 
     with session_factory(api_deployment.settings.resolved_database_url)() as session:
         record, key = keys_crud.create_key(session, tenant_name=f"revoked-{secrets.token_hex(3)}")
@@ -62,10 +62,17 @@ def test_tenants_cannot_see_or_touch_each_others_objects(two_tenants):
 
     assert bob.get("/v1/files").json()["data"] == [] and bob.get("/v1/jobs").json()["data"] == []
     for method, path, kind in [
-        ("GET", f"/v1/files/{file_id}", "file"), ("GET", f"/v1/files/{file_id}/content", "file"), ("DELETE", f"/v1/files/{file_id}", "file"),
-        ("GET", f"/v1/jobs/{job_id}", "job"), ("POST", f"/v1/jobs/{job_id}/cancel", "job"), ("DELETE", f"/v1/jobs/{job_id}", "job"),
-        ("GET", f"/v1/jobs/{job_id}/events", "job"), ("GET", f"/v1/jobs/{job_id}/metrics", "job"), ("GET", f"/v1/jobs/{job_id}/checkpoints", "job"),
-        ("GET", f"/v1/jobs/{job_id}/report", "job"), ("GET", f"/v1/jobs/{job_id}/adapter", "job"),
+        ("GET", f"/v1/files/{file_id}", "file"),
+        ("GET", f"/v1/files/{file_id}/content", "file"),
+        ("DELETE", f"/v1/files/{file_id}", "file"),
+        ("GET", f"/v1/jobs/{job_id}", "job"),
+        ("POST", f"/v1/jobs/{job_id}/cancel", "job"),
+        ("DELETE", f"/v1/jobs/{job_id}", "job"),
+        ("GET", f"/v1/jobs/{job_id}/events", "job"),
+        ("GET", f"/v1/jobs/{job_id}/metrics", "job"),
+        ("GET", f"/v1/jobs/{job_id}/checkpoints", "job"),
+        ("GET", f"/v1/jobs/{job_id}/report", "job"),
+        ("GET", f"/v1/jobs/{job_id}/adapter", "job"),
     ]:
         theirs = error_of(bob.request(method, path), 404)
         missing = error_of(bob.request(method, path.replace(file_id if kind == "file" else job_id, f"{kind}_000000000000000000000000")), 404)

@@ -39,12 +39,39 @@ def test_files_and_jobs_commands(api_deployment, tenant_key, tmp_path):
     uploaded = qdpo(api_deployment, "files", "upload", str(write_jsonl(tmp_path / "p.jsonl", *PROMPTS)), "--purpose", "prompts", key=tenant_key)
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = json.loads(uploaded.stdout)["id"]
-    created = qdpo(api_deployment, "jobs", "create", "--quantization", "rtn", "--bits", "3", "--file", file_id, "--hp", "beta=0.2", "--hp", "loss=hinge",
-                   "--set", "generation.max_new_tokens=16", "--set", "dataset.eval_fraction=0.25", "--suffix", "cli", "--metadata", "team=search", key=tenant_key)
+    created = qdpo(
+        api_deployment,
+        "jobs",
+        "create",
+        "--quantization",
+        "rtn",
+        "--bits",
+        "3",
+        "--file",
+        file_id,
+        "--hp",
+        "beta=0.2",
+        "--hp",
+        "loss=hinge",
+        "--set",
+        "generation.max_new_tokens=16",
+        "--set",
+        "dataset.eval_fraction=0.25",
+        "--suffix",
+        "cli",
+        "--metadata",
+        "team=search",
+        key=tenant_key,
+    )
     assert created.returncode == 0, created.stderr
     job = json.loads(created.stdout.split("\n", 1)[1])
     assert (job["quantization"]["bits"], job["method"]["hyperparameters"]["beta"], job["method"]["hyperparameters"]["loss"]) == (3, 0.2, "hinge")
-    assert (job["generation"]["max_new_tokens"], job["dataset"]["eval_fraction"], job["dataset"]["file_id"], job["metadata"]) == (16, 0.25, file_id, {"team": "search"})
+    assert (job["generation"]["max_new_tokens"], job["dataset"]["eval_fraction"], job["dataset"]["file_id"], job["metadata"]) == (
+        16,
+        0.25,
+        file_id,
+        {"team": "search"},
+    )
     listing = qdpo(api_deployment, "jobs", "list", key=tenant_key).stdout
     assert job["id"] in listing and "queued" in listing
     assert json.loads(qdpo(api_deployment, "jobs", "cancel", job["id"], key=tenant_key).stdout)["status"] == "cancelled"

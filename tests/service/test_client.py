@@ -54,7 +54,17 @@ def test_4xx_is_not_retried_and_is_typed():
 
     def handler(request):
         calls.append(1)
-        return httpx.Response(422, json={"error": {"code": "invalid_file", "message": "file: line 2: bad", "param": "file", "lines": [{"line": 2, "field": "prompt", "message": "missing"}]}})
+        return httpx.Response(
+            422,
+            json={
+                "error": {
+                    "code": "invalid_file",
+                    "message": "file: line 2: bad",
+                    "param": "file",
+                    "lines": [{"line": 2, "field": "prompt", "message": "missing"}],
+                }
+            },
+        )
 
     with pytest.raises(InvalidRequestError) as raised:
         client_for(handler).jobs.get("job_1")

@@ -85,7 +85,9 @@ def test_healthcheck_modules_and_celery_app_exist(compose, dockerfile, monkeypat
 
     from service import config
 
-    texts = [" ".join(s["healthcheck"]["test"]) for s in compose["services"].values() if "healthcheck" in s] + re.findall(r"CMD (celery .*)$", dockerfile, flags=re.M)
+    texts = [" ".join(s["healthcheck"]["test"]) for s in compose["services"].values() if "healthcheck" in s] + re.findall(
+        r"CMD (celery .*)$", dockerfile, flags=re.M
+    )
     apps = {m for text in texts for m in re.findall(r"celery -A ([\w.]+)", text)}
     assert apps == {"worker.celery_app"}
     monkeypatch.setenv("QDPO_VAR_DIR", str(tmp_path))

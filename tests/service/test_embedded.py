@@ -12,8 +12,8 @@ import sys
 import httpx
 import pytest
 
-from qdpo_client import Client
 from qdpo_cli.demo import stop_service
+from qdpo_client import Client
 
 from .conftest import TINY_JOB
 from .infra import REPO, free_port, wait_for
@@ -27,7 +27,9 @@ def embedded(tmp_path, tiny_model_dir):
     env = {key: value for key, value in os.environ.items() if not key.startswith("QDPO_")}
     env.update({"QDPO_PORT": str(port), "QDPO_EXTRA_MODELS": json.dumps({"tiny": str(tiny_model_dir)}), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     log = open(tmp_path / "serve.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qdpo_cli.main", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base_url = f"http://127.0.0.1:{port}"
 
     def ready():

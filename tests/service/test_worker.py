@@ -13,8 +13,8 @@ import json
 import httpx
 import pytest
 
-from qdpo_core.events import STAGES
 from qdpo_client import ConflictError
+from qdpo_core.events import STAGES
 
 from .conftest import TINY_JOB
 from .helpers import PROMPTS, write_jsonl
@@ -85,7 +85,9 @@ def test_a_job_runs_end_to_end(worker_deployment, tmp_path):
     out = client.jobs.download_adapter(job.id, tmp_path / "download")
     archive = tmp_path / "download" / f"{job.id}-adapter.tar.gz"
     assert hashlib.sha256(archive.read_bytes()).hexdigest() == job.adapter.sha256 and archive.stat().st_size == job.adapter.bytes
-    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "manifest.json", "report.json", "report.md"} <= {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "manifest.json", "report.json", "report.md"} <= {
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+    }
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base_model"]["name"] == "tiny" and manifest["method"] == "qdpo" and manifest["quantization"]["bits"] == 2
 
@@ -125,11 +127,11 @@ def test_cancel_a_running_job(worker_deployment):
 
 def _insert_without_message(deployment, body: dict) -> str:
     """A committed, queued job whose message never reached the broker (the API died in between)."""
-    from service.security import new_id
-    from service.crud import jobs as jobs_crud
     from api.jobspec import build_spec
-    from service.tables import Job, Tenant
     from api.schemas.jobs import JobCreate
+    from service.crud import jobs as jobs_crud
+    from service.security import new_id
+    from service.tables import Job, Tenant
 
     spec, inputs = build_spec(JobCreate.model_validate(body))
     with deployment.sessions() as session:

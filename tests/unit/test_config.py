@@ -49,7 +49,9 @@ def test_invalid_settings_name_the_field(data, param, fragment):
     assert error.to_dict()["code"] == "invalid_spec"
 
 
-@pytest.mark.parametrize("place, data", [("eval.judge", {"eval": {"judge": {"kind": "openai"}}}), ("rlaif.labeler", {"method": "rlaif", "rlaif": {"labeler": {"kind": "openai"}}})])
+@pytest.mark.parametrize(
+    "place, data", [("eval.judge", {"eval": {"judge": {"kind": "openai"}}}), ("rlaif.labeler", {"method": "rlaif", "rlaif": {"labeler": {"kind": "openai"}}})]
+)
 def test_a_labeler_error_names_the_place_it_was_written(place, data):
     error = _error(data)
     assert error.param == f"{place}.base_url"

@@ -13,15 +13,25 @@ def lines(*records):
 
 
 def test_prompt_formats():
-    records = parse_lines(lines({"prompt": "Hi?"}, {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}], "id": "x"}), "prompts")
+    records = parse_lines(
+        lines({"prompt": "Hi?"}, {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}], "id": "x"}), "prompts"
+    )
     assert records[0]["messages"] == [{"role": "user", "content": "Hi?"}]
     assert records[1]["messages"][0]["role"] == "system" and records[1]["id"] == "x"
 
 
 def test_trl_and_openai_preferences_normalise_alike():
     trl = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
-    trl_messages = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
-    openai = {"input": {"messages": [{"role": "user", "content": "2+2?"}]}, "preferred_output": [{"role": "assistant", "content": "4"}], "non_preferred_output": [{"role": "assistant", "content": "5"}]}
+    trl_messages = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    openai = {
+        "input": {"messages": [{"role": "user", "content": "2+2?"}]},
+        "preferred_output": [{"role": "assistant", "content": "4"}],
+        "non_preferred_output": [{"role": "assistant", "content": "5"}],
+    }
     parsed = parse_lines(lines(trl, trl_messages, openai), "preferences")
     assert parsed[0] == parsed[1] == parsed[2] == {"messages": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}
 

@@ -4,18 +4,18 @@ import json
 
 import pytest
 import torch
-
 from chat_server import create_app, serve
+
 from qdpo_core.claims import agrees, cloze, split_claims
 from qdpo_core.config import LabelerSpec, PipelineSpec
 from qdpo_core.errors import DataError, SpecError
 from qdpo_core.events import Emitter
 from qdpo_core.generate import Response
+from qdpo_core.holder import ModelHolder
 from qdpo_core.labelers.local import LocalLabeler
 from qdpo_core.labelers.openai_api import OpenAILabeler
 from qdpo_core.pairs.base import PairContext, run_source
 from qdpo_core.pairs.factuality import ConsistencyScorer, FactualityPairs, ReferenceScorer, score_pairs
-from qdpo_core.holder import ModelHolder
 from qdpo_core.prompts import builtin_prompts
 from qdpo_core.references import PassageIndex, parse_reference_lines
 
@@ -76,9 +76,16 @@ def test_every_pair_with_a_large_enough_gap_becomes_higher_over_lower():
     ids = [[1], [2], [3], [4], [1]]  # answer 4 repeats answer 0
     outcome = {(high, low): reason for high, low, reason in score_pairs(scores, ids, min_gap=0.1)}
     assert outcome == {
-        (0, 1): None, (0, 2): None, (0, 3): "unscored", (0, 4): "identical",
-        (2, 1): "small_score_gap", (1, 3): "unscored", (4, 1): None,
-        (2, 3): "unscored", (4, 2): None, (3, 4): "unscored",
+        (0, 1): None,
+        (0, 2): None,
+        (0, 3): "unscored",
+        (0, 4): "identical",
+        (2, 1): "small_score_gap",
+        (1, 3): "unscored",
+        (4, 1): None,
+        (2, 3): "unscored",
+        (4, 2): None,
+        (3, 4): "unscored",
     }
 
 
@@ -117,7 +124,9 @@ def test_reference_score_is_the_share_of_claims_the_passages_support():
     with serve(create_app(mode="rule")) as base_url:  # says Yes when every word of the claim is in the passages
         labeler = OpenAILabeler(LabelerSpec(kind="openai", base_url=base_url, model="rules"), "factuality.labeler")
         [scored] = ReferenceScorer(labeler, passages, max_claims=4, passages_per_claim=2).score(
-            [[{"role": "user", "content": "Share three facts."}]], _answers("Paris is the capital of France. The Moon is made of cheese. Gluons bind quarks together."), seed=0
+            [[{"role": "user", "content": "Share three facts."}]],
+            _answers("Paris is the capital of France. The Moon is made of cheese. Gluons bind quarks together."),
+            seed=0,
         )
     supported = {c["claim"]: c["supported"] for c in scored.claims}
     assert supported == {"Paris is the capital of France": True, "The Moon is made of cheese": False, "Gluons bind quarks together": False}

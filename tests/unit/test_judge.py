@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from chat_server import create_app, serve
+
 from qdpo_core.config import LabelerSpec, PipelineSpec
 from qdpo_core.judge import judge_answers, outcome, wilson_interval
 from qdpo_core.labelers.openai_api import OpenAILabeler

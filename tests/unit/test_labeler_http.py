@@ -8,7 +8,6 @@ become LabelerUnavailable / LabelerBadResponse naming the setting to fix.
 import time
 
 import pytest
-
 from chat_server import LocalChatModel, create_app, serve
 
 from qdpo_cli.demo import free_port
@@ -16,7 +15,7 @@ from qdpo_core.config import LabelerSpec
 from qdpo_core.labelers import LabelerBadResponse, LabelerUnavailable
 from qdpo_core.labelers.local import LocalLabeler
 from qdpo_core.labelers.openai_api import OpenAILabeler
-from qdpo_core.labelers.pairwise import comparison_prompt, compare
+from qdpo_core.labelers.pairwise import compare, comparison_prompt
 
 
 def _labeler(base_url, **settings):

@@ -7,10 +7,10 @@ import pytest
 from qdpo_core.config import PipelineSpec
 from qdpo_core.errors import Cancelled
 from qdpo_core.events import Emitter
+from qdpo_core.holder import ModelHolder
 from qdpo_core.pairs.base import PairContext, run_source
 from qdpo_core.pairs.qdpo import QdpoPairs
 from qdpo_core.pairs.user import UserPairs
-from qdpo_core.holder import ModelHolder
 from qdpo_core.prompts import builtin_prompts
 
 
@@ -19,7 +19,9 @@ def _ctx(spec, tokenizer, workdir, should_cancel=lambda: False):
 
 
 def test_qdpo_pairs_are_fp_chosen_quantized_rejected_and_identical_ones_dropped(tiny_model_dir, tokenizer, tmp_path):
-    spec = PipelineSpec.from_dict({"model": {"name": str(tiny_model_dir)}, "quantization": {"method": "rtn", "bits": 8}, "generation": {"max_new_tokens": 6, "batch_size": 4}})
+    spec = PipelineSpec.from_dict(
+        {"model": {"name": str(tiny_model_dir)}, "quantization": {"method": "rtn", "bits": 8}, "generation": {"max_new_tokens": 6, "batch_size": 4}}
+    )
     ctx = _ctx(spec, tokenizer, tmp_path)
     records = builtin_prompts("train")[:8]
     summary = run_source(QdpoPairs(), records, ctx, tmp_path / "pairs.jsonl")

@@ -146,7 +146,9 @@ def test_bad_reference_passages_and_unknown_labeler_fail_before_any_model_loads(
     passages = tmp_path / "passages.jsonl"
     passages.write_text('{"text": "Paris is in France."}\n{"txt": "typo"}\n')
     events = []
-    spec = _spec(tiny_model_dir, method="factuality", factuality={"scorer": "reference", "references": str(passages), "labeler": {"model": str(tiny_model_dir)}})
+    spec = _spec(
+        tiny_model_dir, method="factuality", factuality={"scorer": "reference", "references": str(passages), "labeler": {"model": str(tiny_model_dir)}}
+    )
     with pytest.raises(DataError, match="factuality.references: line 2: field 'txt'"):
         run_pipeline(spec, tmp_path / "a", on_event=events.append)
     assert _stages_started(events) == ["prepare"]

@@ -8,12 +8,12 @@ import torch
 from qdpo_core.config import PipelineSpec
 from qdpo_core.errors import Cancelled
 from qdpo_core.events import Emitter
+from qdpo_core.holder import ModelHolder
 from qdpo_core.labelers.base import parse_verdict, softmax
 from qdpo_core.labelers.local import LocalLabeler
 from qdpo_core.labelers.pairwise import compare, comparison_prompt, swap_average
 from qdpo_core.pairs.base import PairContext, run_source
 from qdpo_core.pairs.rlaif import RLAIFPairs, keep_pair
-from qdpo_core.holder import ModelHolder
 from qdpo_core.prompts import builtin_prompts
 
 
@@ -53,7 +53,9 @@ def labeler(tiny_model_dir, tokenizer):
 def test_local_labeler_scores_a_batch_exactly_as_one_at_a_time(labeler):
     conversations = [
         comparison_prompt([{"role": "user", "content": "Short?"}], "a", "b"),
-        comparison_prompt([{"role": "user", "content": "A much longer question that pads the others a lot more than they need?"}], "first answer", "second answer"),
+        comparison_prompt(
+            [{"role": "user", "content": "A much longer question that pads the others a lot more than they need?"}], "first answer", "second answer"
+        ),
         [{"role": "user", "content": "Yes or no?"}],
     ]
     together = labeler.choose(conversations, ("1", "2"))

@@ -103,7 +103,9 @@ def test_best_checkpoint_is_kept_and_identity_when_nothing_beats_ptq(tiny_model_
         return {"kl": 1.0 + len(calls), "token_flip_rate": 0.5, "perplexity": 10.0}
 
     events = []
-    result = _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, evaluate=never_better, baseline={"kl": 1.0, "token_flip_rate": 0.5}, events=events).run()
+    result = _trainer(
+        tiny_model_dir, tokenizer, examples, tmp_path, spec, evaluate=never_better, baseline={"kl": 1.0, "token_flip_rate": 0.5}, events=events
+    ).run()
     assert result.best_step == 0
     assert result.stopped_early and result.steps == 2  # patience 2: two evaluations without improvement
     best = _adapter(tmp_path / "best")
