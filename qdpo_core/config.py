@@ -1,7 +1,10 @@
 """Pipeline settings as plain, validated dataclasses.
 
 Every field has a one-line help string (`field(metadata={"help": ...})`); every check lives in
-`__post_init__` and raises `SpecError` naming the field (`quantization.bits`) and the fix. This module
+`__post_init__` and raises `SpecError` naming the field (`quantization.bits`) and the fix. Every
+number and list has a bound, every string is valid Unicode without NUL and has a length limit, and
+an integer is never a bool (`epochs: true` is refused, not read as 1). A field with a fixed set of
+values carries it as `metadata["choices"]` (the API publishes them as an enum). This module
 imports no torch, so the API process can validate a job before anything heavy starts:
 
     spec = PipelineSpec.from_dict({"method": "qdpo", "quantization": {"method": "rtn", "bits": 3}})
@@ -11,6 +14,8 @@ imports no torch, so the API process can validate a job before anything heavy st
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +28,19 @@ QUANT_METHODS = ("nf4", "fp4", "int8", "rtn", "none")
 RTN_BITS = (2, 3, 4, 8)
 LOSSES = ("sigmoid", "hinge", "ipo")
 SELECTION_METRICS = ("kl", "token_flip_rate")
+DTYPES = ("float32", "bfloat16", "float16")
+LABELER_KINDS = ("local", "openai")
+RESPONSE_MODELS = ("quantized", "fp")
+SCORERS = ("consistency", "logprob", "reference")
+MAX_SEED = 2**32 - 1  # numpy's seeds stop here
+MAX_PROMPTS = 1_000_000
+MAX_TOKENS = 32_768
+MAX_BATCH = 1024
+MAX_TEMPERATURE = 10.0
+MAX_NAME_CHARS = 200  # model names, module names
+MAX_PATH_CHARS = 4096
+MAX_URL_CHARS = 2048
+MAX_TARGET_MODULES = 64
 # Settings that hold an input file's path, by input name: (section, field).
 INPUT_FILE_FIELDS = {
     "prompts": ("dataset", "prompts"),
@@ -32,13 +50,66 @@ INPUT_FILE_FIELDS = {
 }
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, choices: tuple | None = None, **kwargs: Any) -> Any:
+    metadata: dict[str, Any] = {"help": text}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(metadata=metadata, **kwargs)
 
 
 def _check(condition: bool, param: str, message: str) -> None:
     if not condition:
         raise SpecError(f"{param}: {message}", param=param)
+
+
+def text_problem(value: str) -> str | None:
+    """What makes a string unusable as text (a NUL, or a lone surrogate that no encoder accepts), or None."""
+    if "\x00" in value:
+        return f"contains a NUL character (at position {value.index(chr(0))}); remove it"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains {value[exc.start]!r} at position {exc.start}, a lone surrogate that is not valid Unicode; send valid UTF-8 text"
+    return None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr() for an error message, cut short: a message must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (bool is an int subclass in Python: `epochs: true` must not mean 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a bool and not a string such as "0.1"."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(value: Any, param: str, low: int, high: int, hint: str = "") -> None:
+    _check(_is_int(value) and low <= value <= high, param, f"got {_shown(value)}; use an integer {low}..{high:,}{hint}")
+
+
+def _check_bool(value: Any, param: str) -> None:
+    _check(isinstance(value, bool), param, f"got {_shown(value)}; use true or false")
+
+
+def _check_choice(value: Any, param: str, choices: tuple) -> None:
+    _check(isinstance(value, str) and value in choices, param, f"got {_shown(value)}; use one of {', '.join(choices)}")
+
+
+def _check_text(value: Any, param: str, max_chars: int, fix: str, optional: bool = False) -> None:
+    """A non-blank string of valid Unicode without NUL, at most `max_chars` long (or None when optional)."""
+    if optional and value is None:
+        return
+    _check(isinstance(value, str), param, f"got {_shown(value)}; {fix}")
+    problem = text_problem(value)
+    _check(problem is None, param, f"{problem}")
+    _check(len(value) <= max_chars, param, f"is {len(value):,} characters long; use at most {max_chars:,}")
+    _check(value.strip() != "", param, fix)
 
 
 class _Spec:
@@ -80,6 +151,19 @@ class _Spec:
             raise
 
 
+def _url_host(url: str) -> str | None:
+    """The host of an http(s) URL, or None when the text is not one."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return None
+    return host if parts.scheme in ("http", "https") and host else None
+
+
 def _nested_spec_type(hint: Any) -> type | None:
     """The _Spec subclass inside a hint such as `LabelerSpec | None`, else None."""
     candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
@@ -94,22 +178,26 @@ class ModelSpec(_Spec):
     prefix: ClassVar[str] = "model"
     name: str = _help("Registered model name (e.g. smollm2-135m-instruct), a local Hugging Face directory, or a hub id.", default="smollm2-135m-instruct")
     device: str = _help("'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'.", default="auto")
-    dtype: str = _help("Compute dtype of the full-precision teacher and of 4-bit layers: float32, bfloat16 or float16.", default="float32")
+    dtype: str = _help("Compute dtype of the full-precision teacher and of 4-bit layers: float32, bfloat16 or float16.", choices=DTYPES, default="float32")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.name, str) and self.name.strip() != "", "model.name", "give a model name such as 'smollm2-135m-instruct'")
+        _check_text(self.name, "model.name", MAX_NAME_CHARS, "give a model name such as 'smollm2-135m-instruct'")
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,2})?", self.device) is not None,
             "model.device",
-            f"got {self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'",
+            f"got {_shown(self.device)}; use 'auto', 'cpu' or 'cuda[:N]'",
         )
-        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"got {self.dtype!r}; use float32, bfloat16 or float16")
+        _check_choice(self.dtype, "model.dtype", DTYPES)
 
 
 @dataclass
 class QuantSpec(_Spec):
     prefix: ClassVar[str] = "quantization"
-    method: str = _help("nf4 / fp4 (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), rtn (group-wise round-to-nearest fake-quant), none.", default="nf4")
+    method: str = _help(
+        "nf4 / fp4 (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), rtn (group-wise round-to-nearest fake-quant), none.",
+        choices=QUANT_METHODS,
+        default="nf4",
+    )
     bits: int | None = _help(
         "Bit width: 4 for nf4/fp4, 8 for int8, one of 2/3/4/8 for rtn. Left empty, it is implied by the method (rtn needs it).", default=None
     )
@@ -117,15 +205,22 @@ class QuantSpec(_Spec):
     double_quant: bool = _help("bitsandbytes 4-bit only: also quantize the quantization constants.", default=False)
 
     def __post_init__(self) -> None:
-        _check(self.method in QUANT_METHODS, "quantization.method", f"got {self.method!r}; use one of {', '.join(QUANT_METHODS)}")
+        _check_choice(self.method, "quantization.method", QUANT_METHODS)
+        _check(self.bits is None or _is_int(self.bits), "quantization.bits", f"got {_shown(self.bits)}; use an integer such as 4")
+        _check(
+            _is_int(self.group_size) and (self.group_size == -1 or 8 <= self.group_size <= 65536),
+            "quantization.group_size",
+            f"got {_shown(self.group_size)}; use -1 or an integer 8..65536 such as 64 or 128",
+        )
+        _check_bool(self.double_quant, "quantization.double_quant")
+        _check(
+            not self.double_quant or self.method in ("nf4", "fp4"),
+            "quantization.double_quant",
+            f"only the bitsandbytes 4-bit methods (nf4, fp4) have quantization constants to quantize; remove it for method {self.method!r}",
+        )
         implied = {"nf4": 4, "fp4": 4, "int8": 8, "none": 16}.get(self.method)
         if self.method == "rtn":
             _check(self.bits in RTN_BITS, "quantization.bits", f"rtn supports bits {list(RTN_BITS)}; got {self.bits!r}")
-            _check(
-                isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 8),
-                "quantization.group_size",
-                f"got {self.group_size!r}; use -1 or an integer >= 8 such as 64 or 128",
-            )
         else:
             _check(
                 self.bits in (None, implied),
@@ -148,24 +243,22 @@ class DataSpec(_Spec):
     max_response_tokens: int = _help("Supplied responses longer than this are cut and counted.", default=256)
 
     def __post_init__(self) -> None:
+        for name in ("prompts", "pairs", "eval_prompts"):
+            _check_text(getattr(self, name), f"dataset.{name}", MAX_PATH_CHARS, "give the path of a JSONL file", optional=True)
         _check(
-            isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1,
+            _is_number(self.eval_fraction) and 0 < self.eval_fraction < 1,
             "dataset.eval_fraction",
-            f"got {self.eval_fraction!r}; use a number between 0 and 1 such as 0.1",
+            f"got {_shown(self.eval_fraction)}; use a number between 0 and 1 such as 0.1",
         )
         for name in ("max_train_prompts", "max_eval_prompts"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and value >= 1), f"dataset.{name}", f"got {value!r}; use a positive integer or leave it empty")
-        _check(
-            isinstance(self.max_prompt_tokens, int) and self.max_prompt_tokens >= 8,
-            "dataset.max_prompt_tokens",
-            f"got {self.max_prompt_tokens!r}; use an integer >= 8",
-        )
-        _check(
-            isinstance(self.max_response_tokens, int) and self.max_response_tokens >= 1,
-            "dataset.max_response_tokens",
-            f"got {self.max_response_tokens!r}; use a positive integer",
-        )
+            _check(
+                value is None or (_is_int(value) and 1 <= value <= MAX_PROMPTS),
+                f"dataset.{name}",
+                f"got {_shown(value)}; use an integer 1..{MAX_PROMPTS:,} or leave it empty",
+            )
+        _check_int(self.max_prompt_tokens, "dataset.max_prompt_tokens", 8, MAX_TOKENS)
+        _check_int(self.max_response_tokens, "dataset.max_response_tokens", 1, MAX_TOKENS)
 
 
 @dataclass
@@ -180,19 +273,24 @@ class GenerationSpec(_Spec):
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 4096, "generation.max_new_tokens", f"got {self.max_new_tokens!r}; use 1..4096"
+            _is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= 4096, "generation.max_new_tokens", f"got {_shown(self.max_new_tokens)}; use 1..4096"
         )
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "generation.batch_size", f"got {self.batch_size!r}; use a positive integer")
-        _check(self.temperature > 0, "generation.temperature", f"got {self.temperature!r}; use a positive number such as 1.0")
-        _check(0 < self.top_p <= 1, "generation.top_p", f"got {self.top_p!r}; use a number in (0, 1]")
-        _check(isinstance(self.num_samples, int) and self.num_samples >= 1, "generation.num_samples", f"got {self.num_samples!r}; use a positive integer")
+        _check_int(self.batch_size, "generation.batch_size", 1, MAX_BATCH)
+        _check_bool(self.do_sample, "generation.do_sample")
+        _check(
+            _is_number(self.temperature) and 0 < self.temperature <= MAX_TEMPERATURE,
+            "generation.temperature",
+            f"got {_shown(self.temperature)}; use a positive number up to {MAX_TEMPERATURE:g} such as 1.0",
+        )
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "generation.top_p", f"got {_shown(self.top_p)}; use a number in (0, 1]")
+        _check_int(self.num_samples, "generation.num_samples", 1, 64)
         _check(self.num_samples == 1 or self.do_sample, "generation.num_samples", "several responses per prompt need do_sample=true")
 
 
 @dataclass
 class LabelerSpec(_Spec):
     prefix: ClassVar[str] = "labeler"
-    kind: str = _help("'local' (a model loaded here) or 'openai' (any OpenAI-compatible chat-completions endpoint).", default="local")
+    kind: str = _help("'local' (a model loaded here) or 'openai' (any OpenAI-compatible chat-completions endpoint).", choices=LABELER_KINDS, default="local")
     model: str = _help("Local model reference, or the remote model name for kind 'openai'.", default="smollm2-135m-instruct")
     base_url: str | None = _help("kind 'openai': the endpoint base URL, e.g. http://localhost:8001/v1.", default=None)
     api_key_env: str = _help("kind 'openai': name of the environment variable holding the API key (never the key itself).", default="QDPO_LABELER_API_KEY")
@@ -204,45 +302,59 @@ class LabelerSpec(_Spec):
     max_concurrency: int = _help("kind 'openai': requests in flight at once.", default=4)
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("local", "openai"), f"{self.prefix}.kind", f"got {self.kind!r}; use 'local' or 'openai'")
+        p = self.prefix
+        _check(self.kind in LABELER_KINDS, f"{p}.kind", f"got {_shown(self.kind)}; use 'local' or 'openai'")
+        _check_text(self.model, f"{p}.model", MAX_NAME_CHARS, "give a model name (a registered local model, or the endpoint's model name)")
+        _check(self.kind != "openai" or bool(self.base_url), f"{p}.base_url", "kind 'openai' needs base_url, e.g. http://host:port/v1")
+        url_fix = "use an http:// or https:// URL such as http://host:port/v1"
+        _check_text(self.base_url, f"{p}.base_url", MAX_URL_CHARS, url_fix, optional=True)
+        _check(self.base_url is None or _url_host(self.base_url) is not None, f"{p}.base_url", f"got {_shown(self.base_url)}; {url_fix}")
         _check(
-            isinstance(self.model, str) and self.model.strip() != "",
-            f"{self.prefix}.model",
-            "give a model name (a registered local model, or the endpoint's model name)",
+            isinstance(self.api_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", self.api_key_env) is not None,
+            f"{p}.api_key_env",
+            f"got {_shown(self.api_key_env)}; give the name of an environment variable such as QDPO_LABELER_API_KEY",
         )
-        _check(self.kind != "openai" or bool(self.base_url), f"{self.prefix}.base_url", "kind 'openai' needs base_url, e.g. http://host:port/v1")
         _check(
-            self.base_url is None or str(self.base_url).startswith(("http://", "https://")),
-            f"{self.prefix}.base_url",
-            f"got {self.base_url!r}; use an http:// or https:// URL such as http://host:port/v1",
+            _is_number(self.timeout_seconds) and 0 < self.timeout_seconds <= 600,
+            f"{p}.timeout_seconds",
+            f"got {_shown(self.timeout_seconds)}; use a positive number of seconds up to 600",
         )
-        _check(self.timeout_seconds > 0, f"{self.prefix}.timeout_seconds", "use a positive number of seconds")
-        _check(isinstance(self.max_retries, int) and 0 <= self.max_retries <= 10, f"{self.prefix}.max_retries", "use 0..10")
+        _check(_is_int(self.max_retries) and 0 <= self.max_retries <= 10, f"{p}.max_retries", f"got {_shown(self.max_retries)}; use 0..10")
+        _check_bool(self.chain_of_thought, f"{p}.chain_of_thought")
         _check(
-            isinstance(self.rationale_tokens, int) and 1 <= self.rationale_tokens <= 1024,
-            f"{self.prefix}.rationale_tokens",
-            f"got {self.rationale_tokens!r}; use 1..1024",
+            _is_int(self.rationale_tokens) and 1 <= self.rationale_tokens <= 1024,
+            f"{p}.rationale_tokens",
+            f"got {_shown(self.rationale_tokens)}; use 1..1024",
         )
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"{self.prefix}.batch_size", f"got {self.batch_size!r}; use a positive integer")
+        _check_int(self.batch_size, f"{p}.batch_size", 1, MAX_BATCH)
         _check(
-            isinstance(self.max_concurrency, int) and 1 <= self.max_concurrency <= 64,
-            f"{self.prefix}.max_concurrency",
-            f"got {self.max_concurrency!r}; use 1..64",
+            _is_int(self.max_concurrency) and 1 <= self.max_concurrency <= 64,
+            f"{p}.max_concurrency",
+            f"got {_shown(self.max_concurrency)}; use 1..64",
         )
 
 
 @dataclass
 class RLAIFSpec(_Spec):
     prefix: ClassVar[str] = "rlaif"
-    response_model: str = _help("Which model samples the two responses: 'quantized' or 'fp'.", default="quantized")
+    response_model: str = _help("Which model samples the two responses: 'quantized' or 'fp'.", choices=RESPONSE_MODELS, default="quantized")
     temperature: float = _help("Sampling temperature of the two responses.", default=1.0)
     min_confidence: float = _help("Drop pairs whose swap-averaged preference p has |p - 0.5| below this.", default=0.1)
     labeler: LabelerSpec = _help("Who judges the pair.", default_factory=LabelerSpec)
 
     def __post_init__(self) -> None:
-        _check(self.response_model in ("quantized", "fp"), "rlaif.response_model", f"got {self.response_model!r}; use 'quantized' or 'fp'")
-        _check(self.temperature > 0, "rlaif.temperature", "use a positive number such as 1.0")
-        _check(0 <= self.min_confidence < 0.5, "rlaif.min_confidence", f"got {self.min_confidence!r}; use 0 <= value < 0.5")
+        _check(self.response_model in RESPONSE_MODELS, "rlaif.response_model", f"got {_shown(self.response_model)}; use 'quantized' or 'fp'")
+        _check(
+            _is_number(self.temperature) and 0 < self.temperature <= MAX_TEMPERATURE,
+            "rlaif.temperature",
+            f"got {_shown(self.temperature)}; use a positive number up to {MAX_TEMPERATURE:g} such as 1.0",
+        )
+        _check(
+            _is_number(self.min_confidence) and 0 <= self.min_confidence < 0.5,
+            "rlaif.min_confidence",
+            f"got {_shown(self.min_confidence)}; use 0 <= value < 0.5",
+        )
+        _check(isinstance(self.labeler, LabelerSpec), "rlaif.labeler", "give an object of labeler settings such as {'kind': 'local'}")
 
 
 @dataclass
@@ -250,6 +362,7 @@ class FactualitySpec(_Spec):
     prefix: ClassVar[str] = "factuality"
     scorer: str = _help(
         "'consistency' (re-ask each claim, score agreement), 'logprob' (mean token log-prob) or 'reference' (claims supported by passages).",
+        choices=SCORERS,
         default="consistency",
     )
     num_samples: int = _help("Responses sampled per prompt.", default=4)
@@ -261,27 +374,33 @@ class FactualitySpec(_Spec):
     max_claims: int = _help("Claims scored per response (the first ones).", default=4)
     references: str | None = _help("reference scorer: JSONL of passages ({'text': str}, optional 'title').", default=None)
     passages_per_claim: int = _help("reference scorer: best-matching passages shown to the labeler with each claim.", default=2)
-    response_model: str = _help("Which model samples the responses: 'quantized' or 'fp'.", default="quantized")
+    response_model: str = _help("Which model samples the responses: 'quantized' or 'fp'.", choices=RESPONSE_MODELS, default="quantized")
     labeler: LabelerSpec = _help("Model that asks/answers claim questions or judges support.", default_factory=LabelerSpec)
 
     def __post_init__(self) -> None:
-        _check(self.scorer in ("consistency", "logprob", "reference"), "factuality.scorer", f"got {self.scorer!r}; use consistency, logprob or reference")
-        _check(isinstance(self.num_samples, int) and self.num_samples >= 2, "factuality.num_samples", "use an integer >= 2: pairs need two responses")
-        _check(self.temperature > 0, "factuality.temperature", "use a positive number such as 1.0")
-        _check(self.min_score_gap >= 0, "factuality.min_score_gap", "use a number >= 0")
+        _check(self.scorer in SCORERS, "factuality.scorer", f"got {_shown(self.scorer)}; use consistency, logprob or reference")
+        _check(
+            _is_int(self.num_samples) and 2 <= self.num_samples <= 64,
+            "factuality.num_samples",
+            f"got {_shown(self.num_samples)}; use an integer 2..64: pairs need two responses",
+        )
+        _check(
+            _is_number(self.temperature) and 0 < self.temperature <= MAX_TEMPERATURE,
+            "factuality.temperature",
+            f"got {_shown(self.temperature)}; use a positive number up to {MAX_TEMPERATURE:g} such as 1.0",
+        )
+        _check(
+            _is_number(self.min_score_gap) and 0 <= self.min_score_gap <= 100,
+            "factuality.min_score_gap",
+            f"got {_shown(self.min_score_gap)}; use a number 0..100",
+        )
+        _check_text(self.references, "factuality.references", MAX_PATH_CHARS, "give the path of a JSONL file of passages", optional=True)
         _check(self.scorer != "reference" or bool(self.references), "factuality.references", "scorer 'reference' needs a JSONL of reference passages")
-        _check(self.response_model in ("quantized", "fp"), "factuality.response_model", "use 'quantized' or 'fp'")
-        _check(
-            isinstance(self.num_questions, int) and self.num_questions >= 1,
-            "factuality.num_questions",
-            f"got {self.num_questions!r}; use a positive integer such as 3",
-        )
-        _check(isinstance(self.max_claims, int) and self.max_claims >= 1, "factuality.max_claims", f"got {self.max_claims!r}; use a positive integer such as 4")
-        _check(
-            isinstance(self.passages_per_claim, int) and self.passages_per_claim >= 1,
-            "factuality.passages_per_claim",
-            f"got {self.passages_per_claim!r}; use a positive integer such as 2",
-        )
+        _check(self.response_model in RESPONSE_MODELS, "factuality.response_model", f"got {_shown(self.response_model)}; use 'quantized' or 'fp'")
+        _check_int(self.num_questions, "factuality.num_questions", 1, 32, " such as 3")
+        _check_int(self.max_claims, "factuality.max_claims", 1, 64, " such as 4")
+        _check_int(self.passages_per_claim, "factuality.passages_per_claim", 1, 32, " such as 2")
+        _check(isinstance(self.labeler, LabelerSpec), "factuality.labeler", "give an object of labeler settings such as {'kind': 'local'}")
         # chat-completions endpoints return log-probs of what they generate, never of a given text
         _check(
             self.scorer != "logprob" or self.labeler.kind == "local",
@@ -293,7 +412,7 @@ class FactualitySpec(_Spec):
 @dataclass
 class TrainSpec(_Spec):
     prefix: ClassVar[str] = "train"
-    loss: str = _help("DPO loss: sigmoid (original), hinge or ipo.", default="sigmoid")
+    loss: str = _help("DPO loss: sigmoid (original), hinge or ipo.", choices=LOSSES, default="sigmoid")
     beta: float = _help("DPO temperature β (0.1 is the field's default).", default=0.1)
     learning_rate: float = _help("Peak AdamW learning rate of the LoRA weights.", default=1e-4)
     epochs: int = _help("Passes over the training pairs.", default=2)
@@ -310,46 +429,57 @@ class TrainSpec(_Spec):
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
     checkpoint_every: int = _help("Save (and evaluate) a checkpoint every N optimizer steps; 0 = at the end of each epoch only.", default=0)
     select_best: bool = _help("Evaluate held-out metrics at each checkpoint and export the best (never worse than PTQ-only).", default=True)
-    selection_metric: str = _help("Held-out metric used to pick the best checkpoint: kl or token_flip_rate.", default="kl")
+    selection_metric: str = _help("Held-out metric used to pick the best checkpoint: kl or token_flip_rate.", choices=SELECTION_METRICS, default="kl")
     early_stopping_patience: int = _help("Stop after this many checkpoint evaluations without improvement; 0 = never stop early.", default=2)
 
     def __post_init__(self) -> None:
         p = "train"
-        _check(self.loss in LOSSES, f"{p}.loss", f"got {self.loss!r}; use one of {', '.join(LOSSES)}")
-        _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 10, f"{p}.beta", f"got {self.beta!r}; use a number in (0, 10], typically 0.05–0.5")
+        _check(self.loss in LOSSES, f"{p}.loss", f"got {_shown(self.loss)}; use one of {', '.join(LOSSES)}")
+        _check(_is_number(self.beta) and 0 < self.beta <= 10, f"{p}.beta", f"got {_shown(self.beta)}; use a number in (0, 10], typically 0.05–0.5")
         _check(
-            isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1e-2,
+            _is_number(self.learning_rate) and 0 < self.learning_rate <= 1e-2,
             f"{p}.learning_rate",
-            f"got {self.learning_rate!r}; use (0, 0.01], typically 1e-5–2e-4 for LoRA",
+            f"got {_shown(self.learning_rate)}; use (0, 0.01], typically 1e-5–2e-4 for LoRA",
         )
-        _check(isinstance(self.epochs, int) and 1 <= self.epochs <= 100, f"{p}.epochs", f"got {self.epochs!r}; use an integer 1..100")
-        _check(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 1024, f"{p}.batch_size", f"got {self.batch_size!r}; use an integer 1..1024")
+        _check(_is_int(self.epochs) and 1 <= self.epochs <= 100, f"{p}.epochs", f"got {_shown(self.epochs)}; use an integer 1..100")
+        _check(_is_int(self.batch_size) and 1 <= self.batch_size <= 1024, f"{p}.batch_size", f"got {_shown(self.batch_size)}; use an integer 1..1024")
+        _check_int(self.gradient_accumulation_steps, f"{p}.gradient_accumulation_steps", 1, 1024)
         _check(
-            isinstance(self.gradient_accumulation_steps, int) and self.gradient_accumulation_steps >= 1,
-            f"{p}.gradient_accumulation_steps",
-            "use a positive integer",
-        )
-        _check(
-            isinstance(self.lora_rank, int) and 1 <= self.lora_rank <= 512, f"{p}.lora_rank", f"got {self.lora_rank!r}; use an integer 1..512 (8–16 is typical)"
+            _is_int(self.lora_rank) and 1 <= self.lora_rank <= 512, f"{p}.lora_rank", f"got {_shown(self.lora_rank)}; use an integer 1..512 (8–16 is typical)"
         )
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
-        _check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, f"{p}.lora_alpha", "use a positive number")
-        _check(0 <= self.lora_dropout < 1, f"{p}.lora_dropout", "use a number in [0, 1)")
         _check(
-            self.target_modules == "all-linear"
-            or (isinstance(self.target_modules, list) and all(isinstance(m, str) and m for m in self.target_modules) and self.target_modules),
-            f"{p}.target_modules",
-            "use 'all-linear' or a non-empty list of module names such as ['q_proj', 'v_proj']",
+            _is_number(self.lora_alpha) and 0 < self.lora_alpha <= 4096, f"{p}.lora_alpha", f"got {_shown(self.lora_alpha)}; use a positive number up to 4096"
         )
-        _check(self.nll_weight >= 0, f"{p}.nll_weight", "use a number >= 0")
-        _check(self.kd_weight >= 0, f"{p}.kd_weight", "use a number >= 0")
-        _check(0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", "use a number in [0, 1)")
-        _check(self.weight_decay >= 0, f"{p}.weight_decay", "use a number >= 0")
-        _check(self.max_grad_norm >= 0, f"{p}.max_grad_norm", "use a number >= 0 (0 = no clipping)")
-        _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, f"{p}.checkpoint_every", "use an integer >= 0")
-        _check(self.selection_metric in SELECTION_METRICS, f"{p}.selection_metric", f"got {self.selection_metric!r}; use kl or token_flip_rate")
-        _check(isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 0, f"{p}.early_stopping_patience", "use an integer >= 0")
+        _check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, f"{p}.lora_dropout", f"got {_shown(self.lora_dropout)}; use a number in [0, 1)")
+        modules_fix = f"use 'all-linear' or a list of 1 to {MAX_TARGET_MODULES} module names such as ['q_proj', 'v_proj']"
+        _check(
+            self.target_modules == "all-linear" or (isinstance(self.target_modules, list) and 1 <= len(self.target_modules) <= MAX_TARGET_MODULES),
+            f"{p}.target_modules",
+            modules_fix if not isinstance(self.target_modules, list) else f"got {len(self.target_modules):,} entries; {modules_fix}",
+        )
+        if isinstance(self.target_modules, list):
+            for i, name in enumerate(self.target_modules):
+                _check(
+                    isinstance(name, str) and len(name) <= MAX_NAME_CHARS and re.fullmatch(r"[A-Za-z0-9_.\-]+", name) is not None,
+                    f"{p}.target_modules[{i}]",
+                    f"got {_shown(name)}; a module name is 1 to {MAX_NAME_CHARS} letters, digits, '_', '.' or '-', such as 'q_proj'",
+                )
+        for name in ("nll_weight", "kd_weight"):
+            value = getattr(self, name)
+            _check(_is_number(value) and 0 <= value <= 100, f"{p}.{name}", f"got {_shown(value)}; use a number 0..100")
+        _check(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", f"got {_shown(self.warmup_ratio)}; use a number in [0, 1)")
+        _check(_is_number(self.weight_decay) and 0 <= self.weight_decay <= 10, f"{p}.weight_decay", f"got {_shown(self.weight_decay)}; use a number 0..10")
+        _check(
+            _is_number(self.max_grad_norm) and 0 <= self.max_grad_norm <= 1000,
+            f"{p}.max_grad_norm",
+            f"got {_shown(self.max_grad_norm)}; use a number 0..1000 (0 = no clipping)",
+        )
+        _check_int(self.checkpoint_every, f"{p}.checkpoint_every", 0, 1_000_000)
+        _check_bool(self.select_best, f"{p}.select_best")
+        _check(self.selection_metric in SELECTION_METRICS, f"{p}.selection_metric", f"got {_shown(self.selection_metric)}; use kl or token_flip_rate")
+        _check_int(self.early_stopping_patience, f"{p}.early_stopping_patience", 0, 1000)
 
 
 @dataclass
@@ -361,15 +491,19 @@ class EvalSpec(_Spec):
     judge: LabelerSpec | None = _help("When set, add a judged win-rate of aligned vs PTQ-only answers.", default=None)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 4096, "eval.max_new_tokens", "use 1..4096")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.batch_size", "use a positive integer")
+        _check(_is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= 4096, "eval.max_new_tokens", f"got {_shown(self.max_new_tokens)}; use 1..4096")
+        _check_int(self.batch_size, "eval.batch_size", 1, MAX_BATCH)
+        _check_bool(self.semantic_similarity, "eval.semantic_similarity")
+        _check(self.judge is None or isinstance(self.judge, LabelerSpec), "eval.judge", "give an object of labeler settings such as {'kind': 'local'}")
 
 
 @dataclass
 class PipelineSpec(_Spec):
     prefix: ClassVar[str] = ""
     method: str = _help(
-        "qdpo (FP chosen / quantized rejected), dpo (your pairs), kd (distillation baseline), rlaif (AI labeler), factuality (FactTune).", default="qdpo"
+        "qdpo (FP chosen / quantized rejected), dpo (your pairs), kd (distillation baseline), rlaif (AI labeler), factuality (FactTune).",
+        choices=METHODS,
+        default="qdpo",
     )
     model: ModelSpec = _help("Base model.", default_factory=ModelSpec)
     quantization: QuantSpec = _help("How the served model is quantized.", default_factory=QuantSpec)
@@ -382,7 +516,11 @@ class PipelineSpec(_Spec):
     seed: int = _help("Seeds data order, splits, sampling and LoRA init.", default=0)
 
     def __post_init__(self) -> None:
-        _check(self.method in METHODS, "method", f"got {self.method!r}; use one of {', '.join(METHODS)}")
+        _check(self.method in METHODS, "method", f"got {_shown(self.method)}; use one of {', '.join(METHODS)}")
+        for name, hint in typing.get_type_hints(type(self)).items():
+            section = _nested_spec_type(hint)
+            if section is not None:
+                _check(isinstance(getattr(self, name), section), name, f"give an object of {name} settings")
         _check(self.quantization.method != "none", "quantization.method", "the service aligns a quantized model; choose nf4, fp4, int8 or rtn")
         _check(self.method != "dpo" or bool(self.dataset.pairs), "dataset.pairs", "method 'dpo' trains on your preference pairs: upload a preferences file")
         _check(
@@ -390,4 +528,4 @@ class PipelineSpec(_Spec):
             "dataset.pairs",
             f"method {self.method!r} builds its own pairs from prompts; use method 'dpo' for uploaded pairs",
         )
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "use a non-negative integer")
+        _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"got {_shown(self.seed)}; use a non-negative integer up to {MAX_SEED:,} (2^32 - 1)")
