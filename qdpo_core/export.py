@@ -2,8 +2,13 @@
 
     export/
         adapter/adapter_config.json, adapter/adapter_model.safetensors
-        manifest.json   base model, quantization, method, hyperparameters, metrics, sha256 per file
+        manifest.json   base model, quantization, method, hyperparameters, metrics, sha256 per file,
+                        input files by name and sha256
         report.json, report.md
+
+Nothing here names a path of the machine that trained it: input files appear as their name and
+sha256, and the adapter config names its base by the model's name (`spec.model.name`, the
+registered name through the service), not by the directory it was loaded from.
 
 The adapter is meant for the *same quantized base* it was trained on (merging LoRA into a 4-bit
 base degrades it); `load_aligned(export_dir)` rebuilds that base from the manifest and attaches it.
@@ -19,7 +24,7 @@ from pathlib import Path
 
 from qdpo_core import __version__, registry
 from qdpo_core.checkpoint import copy_adapter
-from qdpo_core.config import PipelineSpec, QuantSpec
+from qdpo_core.config import INPUT_FILE_FIELDS, ModelSpec, PipelineSpec, QuantSpec
 from qdpo_core.report import markdown_report
 
 FORMAT = "qdpo-adapter/1"
@@ -51,12 +56,36 @@ def base_model_identity(name: str, model_dir: Path) -> dict:
     return {"name": name, "source": source, "config_sha256": sha256_file(model_dir / "config.json")}
 
 
+def portable_spec(spec: PipelineSpec) -> tuple[dict, dict]:
+    """The spec with each input file's path replaced by the file's name, and {field: {name, sha256}} of those files."""
+    spec_dict = spec.to_dict()
+    inputs = {}
+    for section, key in INPUT_FILE_FIELDS.values():
+        value = spec_dict[section].get(key)
+        if value:
+            path = Path(value)
+            inputs[f"{section}.{key}"] = {"name": path.name, "sha256": sha256_file(path) if path.is_file() else None}
+            spec_dict[section][key] = path.name
+    return spec_dict, inputs
+
+
+def name_base_model(adapter_dir: Path, name: str) -> None:
+    """Make the adapter config name its base `name`, whatever directory the base was loaded from."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("base_model_name_or_path") != name:
+        config["base_model_name_or_path"] = name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, model_dir: Path) -> dict:
     """Write the export directory atomically and return the manifest."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     copy_adapter(best_adapter, tmp / "adapter")
+    name_base_model(tmp / "adapter", spec.model.name)
+    spec_dict, inputs = portable_spec(spec)
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (tmp / "report.md").write_text(markdown_report(report), encoding="utf-8")
     files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -75,7 +104,8 @@ def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, m
         "stopped_early": report.get("stopped_early"),
         "metrics": {k: report[k] for k in ("fp", "ptq", "aligned", "gap_closed")},
         "files": files,
-        "spec": spec.to_dict(),
+        "inputs": inputs,
+        "spec": spec_dict,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(target, ignore_errors=True)
@@ -102,9 +132,11 @@ def load_aligned(export_dir: str | Path, device: str = "auto"):
 
     export_dir = Path(export_dir)
     manifest = verify(export_dir)
-    spec = PipelineSpec.from_dict(manifest["spec"])
-    model_dir = resolve_model_dir(spec.model.name)
-    base, _ = load_quantized(model_dir, spec.quantization, resolve_device(device), spec.model.dtype)
+    # Only the base matters here: its name, dtype and quantization (input files are named, not present).
+    base_spec = ModelSpec.from_dict(manifest["spec"]["model"])
+    quantization = QuantSpec.from_dict(manifest["spec"]["quantization"])
+    model_dir = resolve_model_dir(base_spec.name)
+    base, _ = load_quantized(model_dir, quantization, resolve_device(device), base_spec.dtype)
     model = PeftModel.from_pretrained(base, export_dir / "adapter")
     model.eval()
     return model, load_tokenizer(model_dir)

@@ -67,3 +67,4 @@ class ModelHolder:
         from qdpo_core.quantize import load_quantized
 
         self._student, self._quant_info = load_quantized(self.model_dir, self.spec.quantization, self.device, self.spec.model.dtype)
+        self._student.name_or_path = self.spec.model.name  # what peft names the adapters' base: the model's name, not this machine's directory
