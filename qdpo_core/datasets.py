@@ -9,6 +9,8 @@ Accepted shapes (one JSON object per line, blank lines ignored):
                           "non_preferred_output": [{...}]}
 
 Every record may also carry "id" and "metadata". Any other field is an error, not silently dropped.
+Every string in a record (keys included) must be valid Unicode without NUL: a JSON escape such as
+"\\ud800" decodes to a lone surrogate that no later step could write out again.
 Everything is checked before anything is used: a `DataError` lists every bad line (line number,
 field, message), so a file is accepted whole or not at all. No torch here (the API validates uploads).
 """
@@ -20,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qdpo_core.config import text_problem
 from qdpo_core.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -75,6 +78,23 @@ def _response_text(value: Any, field: str) -> str:
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
         raise _LineError(field, "must be a string or a list with exactly one assistant message")
     return msgs[0]["content"]
+
+
+def _check_text_everywhere(value: Any, field: str | None = None) -> None:
+    """Every string and key, at any depth, is valid Unicode without NUL; the error names where."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            raise _LineError(field, problem)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            problem = text_problem(key)
+            if problem is not None:  # the field is named by its parent: the bad key itself cannot be echoed
+                raise _LineError(field, f"has a key that {problem}")
+            _check_text_everywhere(item, f"{field}.{key}" if field else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text_everywhere(item, f"{field}[{i}]" if field else f"[{i}]")
 
 
 def _check_fields(record: dict, allowed: set[str], hint: str) -> None:
@@ -169,7 +189,9 @@ def parse_lines(lines: Iterable[str | bytes], purpose: str, param: str = "file")
         if not text:
             continue
         try:
-            records.append(parse(json.loads(text)))
+            record = json.loads(text)
+            _check_text_everywhere(record)
+            records.append(parse(record))
         except json.JSONDecodeError as exc:
             errors.append({"line": number, "field": None, "message": f"is not valid JSON ({exc.msg} at column {exc.colno})"})
         except _LineError as exc:

@@ -63,3 +63,26 @@ def test_pairs_uploaded_as_prompts_are_pointed_to_the_right_purpose():
 def test_empty_file_is_an_error():
     with pytest.raises(DataError, match="holds no records"):
         parse_lines(["", "  "], "prompts")
+
+
+@pytest.mark.parametrize(
+    "line, purpose, field",
+    [
+        ('{"prompt": "\\ud800"}', "prompts", "prompt"),
+        ('{"messages": [{"role": "user", "content": "hi \\udfff"}]}', "prompts", "messages[0].content"),
+        ('{"prompt": "ok", "metadata": {"k": "\\ud800"}}', "prompts", "metadata.k"),
+        ('{"prompt": "ok", "metadata": {"\\ud800": "v"}}', "prompts", "metadata"),
+        ('{"prompt": "ok", "id": ["a", "\\u0000"]}', "prompts", "id[1]"),
+        ('{"prompt": "nul \\u0000 inside"}', "prompts", "prompt"),
+        ('{"prompt": "a", "chosen": "\\ud83d", "rejected": "c"}', "preferences", "chosen"),
+        ('{"text": "Paris.", "title": "\\udc00"}', "references", "title"),
+    ],
+)
+def test_lone_surrogates_and_nul_are_refused_with_line_and_field(line, purpose, field):
+    with pytest.raises(DataError) as info:
+        parse_lines(['{"prompt": "fine"}' if purpose == "prompts" else line, line], purpose)
+    bad = info.value.lines[-1]
+    assert (bad["line"], bad["field"]) == (2, field), info.value.lines
+    assert "NUL" in bad["message"] or "lone surrogate" in bad["message"]
+    assert "\ud800" not in bad["message"] and "\x00" not in bad["message"]  # the message itself stays encodable
+    bad["message"].encode("utf-8")
