@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from api import metrics
 from api.core.errors import install_error_handlers
 from api.core.limits import BodySizeLimitMiddleware
+from api.core.query import EmptyQueryValuesMiddleware
 from api.routes import api_router, health
 from service.broker import JobQueue
 from service.config import Settings, get_settings
@@ -64,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.queue = JobQueue(settings)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=settings.max_upload_bytes, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(EmptyQueryValuesMiddleware)
     app.include_router(health.router)
     app.include_router(api_router)
     if settings.metrics_enabled:

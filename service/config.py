@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `qdpo serve` / `qdpo api` binds to.")
     port: int = Field(8000, description="Port `qdpo serve` / `qdpo api` listens on.")
     max_upload_bytes: int = Field(50 * 1024 * 1024, description="Largest accepted dataset file; bigger uploads get 413.")
+    max_request_bytes: int = Field(256 * 1024, description="Largest accepted body of any request other than a file upload (a job's JSON); bigger get 413.")
     bootstrap_api_key: str | None = Field(None, description="When set, `qdpo serve`/`qdpo api` make sure this key exists for tenant 'default'.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     event_stream_poll_seconds: float = Field(0.5, description="How often the SSE event stream polls the database.")

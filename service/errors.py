@@ -54,4 +54,5 @@ class Unavailable(ServiceError):
 
 
 def not_found(kind: str, object_id: str, param: str | None = None) -> NotFound:
-    return NotFound(f"no {kind} with id {object_id!r}", param=param or f"{kind}_id", code=f"{kind}_not_found")
+    shown = object_id if len(object_id) <= 80 else object_id[:80] + "…"
+    return NotFound(f"no {kind} with id {shown!r}", param=param or f"{kind}_id", code=f"{kind}_not_found")

@@ -4,6 +4,9 @@ Routes raise `ApiError`; the service layer raises its domain errors (`service.er
 mapped to HTTP here and nowhere else; FastAPI's own validation errors and HTTP exceptions are
 rewritten into the same envelope, with `param` as the dotted path of the offending field
 (`method.hyperparameters.beta`) so a client can point at it without parsing the message.
+
+Error bodies may quote what the client sent; every string in them is made encodable first (a lone
+surrogate is written as `\\ud800`), so an error about bad text can never become a 500 itself.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
 
@@ -35,6 +39,22 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, "param": self.param, **self.extra}}
 
 
+def encodable(value: Any) -> Any:
+    """The value with every string made encodable as UTF-8 (lone surrogates backslash-escaped), at any depth."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encodable(v) for v in value]
+    return value
+
+
+class ErrorJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return super().render(encodable(content))
+
+
 # The one place domain errors become HTTP statuses.
 STATUS_OF = {InvalidInput: 422, NotFound: 404, Conflict: 409, Unavailable: 503}
 
@@ -47,22 +67,41 @@ def status_of(exc: ServiceError) -> int:
 
 
 def error_response(status_code: int, code: str, message: str, param: str | None = None, headers: dict | None = None, **extra) -> JSONResponse:
-    return JSONResponse(status_code=status_code, content={"error": {"code": code, "message": message, "param": param, **extra}}, headers=headers)
+    return ErrorJSONResponse(status_code=status_code, content={"error": {"code": code, "message": message, "param": param, **extra}}, headers=headers)
+
+
+# Headers as clients spell them (FastAPI reports them lower-cased).
+_HEADER_NAMES = {"idempotency-key": "Idempotency-Key", "last-event-id": "Last-Event-ID", "authorization": "Authorization"}
 
 
 def _field_path(loc: tuple | list) -> str | None:
-    """('body', 'method', 'hyperparameters', 'beta') -> 'method.hyperparameters.beta'."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
-    return ".".join(parts) or (str(loc[-1]) if loc else None)
+    """('body', 'method', 'hyperparameters', 'beta') -> 'method.hyperparameters.beta'; list items as `name[0]`.
+
+    Union tags (`<array>`, see api.schemas.spec_models) are left out, and so is a dict key whose
+    validation failed (it is the bad text itself): the error names the dict instead.
+    """
+    loc = list(loc)
+    if loc and loc[-1] == "[key]":
+        loc = loc[:-2]
+    if len(loc) == 2 and loc[0] == "header" and isinstance(loc[1], str):
+        return _HEADER_NAMES.get(loc[1].lower(), loc[1].title())
+    path = ""
+    for part in loc:
+        if part in ("body", "query", "path", "header", "form") and not path:
+            continue
+        if isinstance(part, str) and part.startswith("<") and part.endswith(">"):
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or (str(loc[-1]) if loc else None)
 
 
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=exc.headers)
+    return ErrorJSONResponse(status_code=exc.status_code, content=exc.body(), headers=exc.headers)
 
 
 async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
-    return JSONResponse(status_code=status_of(exc), content={"error": exc.to_dict()}, headers=headers)
+    return ErrorJSONResponse(status_code=status_of(exc), content={"error": exc.to_dict()}, headers=headers)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -70,6 +109,8 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _field_path(first.get("loc", ()))
     message = first.get("msg", "invalid value")
+    if tuple(first.get("loc", ()))[-1:] == ("[key]",):
+        message = f"a key {message}"
     if first.get("type") == "missing":
         message = "is required"
     elif first.get("type") == "extra_forbidden":
@@ -83,12 +124,29 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
 _HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
 
 
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (a 405's Allow header lists them all).
+
+    Asked of the router itself, method by method: a route per method means no single route knows.
+    """
+    routes = request.app.router.routes
+    return [method for method in HTTP_METHODS if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    param = "file" if exc.status_code == 413 else None  # only uploads are large enough to hit the limit
-    if exc.status_code == 413:
-        code = "file_too_large"
-    return error_response(exc.status_code, code, str(exc.detail), param, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    message, param = str(exc.detail), None
+    if exc.status_code == 413:  # a body over a limit (api.core.limits says which)
+        code, param = getattr(exc, "code", "request_too_large"), getattr(exc, "param", None)
+    if exc.status_code == 405:
+        allowed = allowed_methods(request) or sorted(headers.get("Allow", "").replace(" ", "").split(","))
+        headers["Allow"] = ", ".join(allowed)
+        message = f"{request.method} is not supported here; use {', '.join(allowed)}"
+    return error_response(exc.status_code, code, message, param, headers=headers or None)
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import PurePath
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
 from api import metrics
@@ -15,19 +16,20 @@ from api.core.errors import ApiError
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.files import FilePublic, FilePurpose
+from qdpo_core.config import text_problem
 from qdpo_core.datasets import parse_lines
 from qdpo_core.errors import DataError
 from service.crud import files as files_crud
 from service.errors import not_found
 from service.security import new_id
 from service.storage import CHUNK
-from service.tables import File
+from service.tables import File as FileRecord
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/files", tags=["files"])
 
 
-def file_public(record: File) -> FilePublic:
+def file_public(record: FileRecord) -> FilePublic:
     return FilePublic(
         id=record.id,
         purpose=record.purpose,
@@ -37,6 +39,18 @@ def file_public(record: File) -> FilePublic:
         sha256=record.sha256,
         created_at=int(record.created_at.timestamp()),
     )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def stored_filename(name: str | None) -> str:
+    """The uploaded file's own name (no directories), or 422 naming `file` when it cannot be stored or sent back."""
+    name = PurePath(name or "upload.jsonl").name
+    problem = text_problem(name) or ("contains a control character" if _CONTROL.search(name) else None)
+    if problem is not None:
+        raise ApiError(422, "invalid_filename", f"file: the file name {problem}; rename the file and upload it again", "file")
+    return name[:255] or "upload.jsonl"
 
 
 def _too_large(limit: int) -> ApiError:
@@ -54,7 +68,7 @@ def upload_file(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, Form(description="JSONL, one record per line (see the `purpose` for the accepted shapes).")],
+    file: Annotated[UploadFile, File(description="JSONL, one record per line (see the `purpose` for the accepted shapes).")],
     purpose: Annotated[
         FilePurpose,
         Form(
@@ -63,6 +77,7 @@ def upload_file(
     ],
 ) -> FilePublic:
     """Upload a JSONL dataset; it is validated line by line and stored only if every line is valid."""
+    filename = stored_filename(file.filename)
     staging = store.staging_file()
     try:
         size, digest = 0, hashlib.sha256()
@@ -78,7 +93,6 @@ def upload_file(
         file_id = new_id("file")
         relative = store.file_relpath(tenant.id, file_id)
         store.commit(staging, relative)
-        filename = PurePath(file.filename or "upload.jsonl").name[:255] or "upload.jsonl"
         try:
             record = files_crud.create_file(
                 session,
@@ -115,7 +129,7 @@ def list_files(
     return Page[FilePublic](data=[file_public(r) for r in records], has_more=has_more, next_cursor=records[-1].id if has_more else None)
 
 
-def _get(session, tenant, file_id: str) -> File:
+def _get(session, tenant, file_id: str) -> FileRecord:
     record = files_crud.get_file(session, tenant_id=tenant.id, file_id=file_id)
     if record is None:
         raise not_found("file", file_id)

@@ -63,7 +63,10 @@ def list_events(
 ):
     """A job's events, oldest first: paged with `after`, or streamed live (SSE)."""
     job = get_tenant_job(session, tenant, job_id)
-    after_pk = events_crud.parse_event_cursor(after or (last_event_id if _wants_stream(request, stream) else None))
+    if after is not None:
+        after_pk = events_crud.parse_event_cursor(after, "after")
+    else:  # an SSE client reconnecting sends the last id it saw as a header
+        after_pk = events_crud.parse_event_cursor(last_event_id if _wants_stream(request, stream) else None, "Last-Event-ID")
     if _wants_stream(request, stream):
         return EventSourceResponse(_event_stream(request, job.pk, after_pk, type), ping=15)
     events, has_more = events_crud.list_events(session, job_pk=job.pk, after_pk=after_pk, limit=limit, types=type)

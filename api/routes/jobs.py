@@ -39,10 +39,16 @@ def create_job(
     queue: QueueDep,
     response: Response,
     idempotency_key: Annotated[
-        str | None, Header(max_length=255, description="Retrying with the same key returns the job created the first time instead of a second one.")
+        str | None,
+        Header(
+            max_length=255,
+            pattern=r"^[\x20-\x7e]*$",
+            description="Up to 255 printable ASCII characters. Retrying with the same key and the same body returns the job created the first time instead of a second one; the same key with a different body is refused (422).",
+        ),
     ] = None,
 ) -> JobPublic:
     """Create a job; it is validated completely, stored, and only then queued."""
+    idempotency_key = idempotency_key or None  # an empty header is no key
     if idempotency_key and (earlier := jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key)):
         response.status_code = 200
         return job_public(earlier)

@@ -1,12 +1,34 @@
-"""Shapes shared by every resource: the error envelope and cursor-paginated lists."""
+"""Shapes shared by every resource: the error envelope, cursor-paginated lists, and the strict
+scalar types every request schema uses.
+
+Every string a client sends is `Text` (valid Unicode, no NUL: a lone surrogate such as "\\ud800"
+cannot be stored or sent back, and Postgres refuses NUL), every integer `StrictInt` (no `true`, no
+"3"), every float `StrictFloat` (no "0.1", no NaN or Infinity) and every flag `StrictBool`.
+"""
 
 from __future__ import annotations
 
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, AllowInfNan, BaseModel, Field, Strict
+from pydantic_core import PydanticCustomError
+
+from qdpo_core.config import text_problem
 
 T = TypeVar("T")
+
+
+def _valid_text(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("invalid_text", "{problem}", {"problem": problem})
+    return value
+
+
+Text = Annotated[str, Strict(), AfterValidator(_valid_text)]
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict(), AllowInfNan(False)]
+StrictBool = Annotated[bool, Strict()]
 
 
 class ErrorDetail(BaseModel):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from api.schemas.common import StrictInt, Text
 from api.schemas.spec_models import (
     DatasetOptions,
     EvalSettings,
@@ -21,21 +22,22 @@ from service.tables import JOB_STATUSES
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 MethodType = Literal[METHODS]  # type: ignore[valid-type]
 MAX_METADATA_PAIRS = 16
+ObjectId = Annotated[Text, StringConstraints(max_length=64)]
 
 
 class DatasetSettings(DatasetOptions):
     """Training data: an uploaded file, or none for the built-in prompt set."""
 
-    file_id: str | None = Field(
+    file_id: ObjectId | None = Field(
         None, description="Uploaded file: purpose 'prompts' for qdpo/kd/rlaif/factuality, 'preferences' for dpo. Empty = built-in prompts."
     )
-    eval_file_id: str | None = Field(None, description="Uploaded prompts file held out for evaluation; empty = a seeded split of the training prompts.")
+    eval_file_id: ObjectId | None = Field(None, description="Uploaded prompts file held out for evaluation; empty = a seeded split of the training prompts.")
 
 
 class FactualityOptions(FactualitySettings):
     """Method factuality: FactTune-style pairs."""
 
-    references_file_id: str | None = Field(None, description="scorer 'reference': an uploaded file of purpose 'references' ({'text', 'title'?} per line).")
+    references_file_id: ObjectId | None = Field(None, description="scorer 'reference': an uploaded file of purpose 'references' ({'text', 'title'?} per line).")
 
 
 class MethodSettings(BaseModel):
@@ -72,20 +74,22 @@ class JobCreate(BaseModel):
         },
     )
 
-    model: str = Field("smollm2-135m-instruct", description="A base model this deployment offers (GET /v1/models).", examples=["smollm2-135m-instruct"])
+    model: Annotated[Text, StringConstraints(max_length=200)] = Field(
+        "smollm2-135m-instruct", description="A base model this deployment offers (GET /v1/models).", examples=["smollm2-135m-instruct"]
+    )
     quantization: QuantizationSettings | None = None
     dataset: DatasetSettings | None = None
     method: MethodSettings | None = None
     generation: GenerationSettings | None = None
     eval: EvalSettings | None = None
-    seed: int | None = Field(None, description="Seeds data order, splits, sampling and LoRA init. Default: 0.")
-    suffix: str | None = Field(
+    seed: StrictInt | None = Field(None, description="Seeds data order, splits, sampling and LoRA init (0 to 2^32 - 1). Default: 0.")
+    suffix: Text | None = Field(
         None,
         max_length=64,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Up to 64 letters, digits, '.', '_' or '-', added to the fine-tuned model name.",
     )
-    metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_PAIRS} key/value pairs (keys up to 64 characters, values up to 512).")
+    metadata: dict[Text, Text] | None = Field(None, description=f"Up to {MAX_METADATA_PAIRS} key/value pairs (keys up to 64 characters, values up to 512).")
 
     @field_validator("metadata")
     @classmethod

@@ -2,8 +2,13 @@
 
 Each dataclass (`TrainSpec`, `QuantSpec`, …) becomes a pydantic model with the same fields, every
 field optional (empty = the pipeline's default), described by the dataclass's help string and
-default. Unknown fields are refused. Pydantic checks types here; `PipelineSpec` checks meaning
-(ranges, combinations) when the job is created.
+default. Unknown fields are refused. Types are strict and translated at any depth (inside lists,
+dict values and keys): `str` becomes `Text` (valid Unicode, no NUL), `int` / `float` / `bool` their
+strict forms (no "0.1" for a float, no `true` for an int); a field whose dataclass metadata lists
+`choices` becomes a `Literal` of them (an enum in the schema); a union of several JSON kinds
+(`str | list[str]`) is picked by the kind of the value sent, so an error names the element at
+fault. Pydantic checks types here; `PipelineSpec` checks meaning (ranges, combinations) when the
+job is created.
 """
 
 from __future__ import annotations
@@ -11,11 +16,17 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
+from api.schemas.common import StrictBool, StrictFloat, StrictInt, Text
 from qdpo_core import config as spec
+
+SCALARS = {str: Text, int: StrictInt, float: StrictFloat, bool: StrictBool}
+# The JSON kind of each Python type, for unions of several kinds; the tags appear in error
+# locations between angle brackets and are left out of the `param` a client sees.
+_KINDS = {str: "string", int: "number", float: "number", bool: "boolean", list: "array", dict: "object"}
 
 
 class SpecModel(BaseModel):
@@ -26,14 +37,58 @@ class SpecModel(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+def _kind_of_type(hint: Any) -> str | None:
+    if isinstance(hint, type) and issubclass(hint, spec._Spec):
+        return "object"
+    return _KINDS.get(typing.get_origin(hint) or hint)
+
+
+def _kind_of_value(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return "<object>"
+    for cls in (bool, str, int, float, list, dict):  # bool before int: True is an int too
+        if isinstance(value, cls):
+            return f"<{_KINDS[cls]}>"
+    return None
+
+
 def _translate(hint: Any, cache: dict) -> Any:
-    """Replace nested spec dataclasses inside a type hint by their generated models."""
+    """The strict request type for a dataclass type hint, at any depth (see the module docstring)."""
     if isinstance(hint, type) and issubclass(hint, spec._Spec):
         return model_for(hint, cache=cache)
-    origin = typing.get_origin(hint)
+    if hint in SCALARS:
+        return SCALARS[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return typing.Union[tuple(_translate(a, cache) for a in typing.get_args(hint))]  # type: ignore[return-value]  # noqa: UP007 (built at run time)
+        members = [a for a in args if a is not type(None)]
+        translated = [_translate(a, cache) for a in members]
+        kinds = [_kind_of_type(a) for a in members]
+        if len(members) > 1 and None not in kinds and len(set(kinds)) == len(kinds):
+            # One member per JSON kind: choose by the value's kind, so only that member's errors are reported.
+            tagged = typing.Union[tuple(Annotated[t, Tag(f"<{k}>")] for t, k in zip(translated, kinds))]  # type: ignore[valid-type]  # noqa: UP007
+            union: Any = Annotated[tagged, Discriminator(_kind_of_value, custom_error_type="union_kind", custom_error_message=_kinds_message(kinds))]
+        else:
+            union = typing.Union[tuple(translated)]  # type: ignore[assignment]  # noqa: UP007 (built at run time)
+        return union | None if type(None) in args else union
+    if origin is list:
+        return list[_translate(args[0], cache)]  # type: ignore[misc]
+    if origin is dict:
+        return dict[_translate(args[0], cache), _translate(args[1], cache)]  # type: ignore[misc]
     return hint
+
+
+def _kinds_message(kinds: list[str]) -> str:
+    names = {"string": "a string", "number": "a number", "boolean": "true or false", "array": "a list", "object": "an object"}
+    return "use " + " or ".join(names[k] for k in kinds)
+
+
+def _field_type(f: dataclasses.Field, hint: Any, cache: dict) -> Any:
+    """A field with `choices` in its metadata becomes a Literal of them (an enum in the schema)."""
+    choices = f.metadata.get("choices")
+    if choices:
+        literal = Literal[tuple(choices)]  # type: ignore[valid-type]
+        return literal | None if type(None) in typing.get_args(hint) else literal
+    return _translate(hint, cache)
 
 
 def _describe(f: dataclasses.Field) -> str:
@@ -53,7 +108,7 @@ def model_for(cls: type, name: str | None = None, doc: str | None = None, exclud
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        hint = _translate(hints[f.name], cache)
+        hint = _field_type(f, hints[f.name], cache)
         fields[f.name] = (hint | None, Field(None, description=_describe(f)))
     model = create_model(
         name or cls.__name__.replace("Spec", "Settings"), __base__=SpecModel, __doc__=doc or f"Settings of qdpo_core's {cls.__name__}.", **fields

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -9,19 +11,25 @@ from service.errors import InvalidInput
 from service.tables import JobCheckpoint, JobEvent, JobMetric
 
 EVENT_PREFIX = "evt_"
+MAX_EVENT_NUMBER = 2**31 - 1  # the column is a 32-bit integer on every database
+_EVENT_ID = re.compile(r"evt_([0-9]{1,10})")  # ASCII digits only: str.isdigit() would take '²'
 
 
 def event_public_id(pk: int) -> str:
     return f"{EVENT_PREFIX}{pk}"
 
 
-def parse_event_cursor(after: str | None) -> int:
+def parse_event_cursor(after: str | None, param: str = "after") -> int:
+    """The event number in `evt_<n>`, or 0 for no cursor; InvalidInput naming `param` otherwise."""
     if after is None:
         return 0
-    digits = after[len(EVENT_PREFIX) :] if after.startswith(EVENT_PREFIX) else ""
-    if not digits.isdigit():
-        raise InvalidInput(f"after: {after!r} is not an event id (they look like 'evt_123')", "after", code="invalid_cursor")
-    return int(digits)
+    match = _EVENT_ID.fullmatch(after)
+    if match is None or int(match.group(1)) > MAX_EVENT_NUMBER:
+        shown = after if len(after) <= 40 else after[:40] + "…"
+        raise InvalidInput(
+            f"{param}: {shown!r} is not an event id (they look like 'evt_123'; use one this job's events returned)", param, code="invalid_cursor"
+        )
+    return int(match.group(1))
 
 
 def add_event(

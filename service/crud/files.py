@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.crud.pagination import page
+from service.security import looks_like_id
 from service.tables import TERMINAL_STATUSES, File, Job
 
 
@@ -17,6 +18,8 @@ def create_file(session: Session, *, file_id: str, tenant_id: str, purpose: str,
 
 
 def get_file(session: Session, *, tenant_id: str, file_id: str) -> File | None:
+    if not looks_like_id(file_id, "file"):
+        return None
     return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
 
 

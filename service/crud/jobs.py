@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.crud.pagination import page
+from service.security import looks_like_id
 from service.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, JobEvent, utcnow
 
 LIVE_STATUSES = (RUNNING, CANCELLING)
@@ -40,11 +41,15 @@ def find_by_idempotency_key(session: Session, *, tenant_id: str, key: str) -> Jo
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
+    if not looks_like_id(job_id, "job"):
+        return None
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
 def get_job_by_id(session: Session, *, job_id: str) -> Job | None:
     """For workers and the reconciler, which act on behalf of the job's own tenant."""
+    if not looks_like_id(job_id, "job"):
+        return None
     return session.scalar(select(Job).where(Job.id == job_id))
 
 

@@ -6,14 +6,15 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from service.errors import InvalidInput
+from service.security import looks_like_id
 
 
 def page(session: Session, *, query: Select, model, after: str | None, limit: int, tenant_id: str) -> tuple[list, bool]:
     """One page of `query` (already filtered to the tenant), ordered by pk descending."""
     if after is not None:
-        cursor_pk = session.scalar(select(model.pk).where(model.id == after, model.tenant_id == tenant_id))
+        cursor_pk = session.scalar(select(model.pk).where(model.id == after, model.tenant_id == tenant_id)) if looks_like_id(after) else None
         if cursor_pk is None:
-            raise InvalidInput(f"after: {after!r} is not an id from a previous page of this list", "after", code="invalid_cursor")
+            raise InvalidInput(f"after: {after[:80]!r} is not an id from a previous page of this list", "after", code="invalid_cursor")
         query = query.where(model.pk < cursor_pk)
     rows = list(session.scalars(query.order_by(model.pk.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit

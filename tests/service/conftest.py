@@ -64,7 +64,7 @@ def _teardown(cleanup: list) -> None:
 
 @pytest.fixture(scope="session")
 def api_deployment(tmp_path_factory):
-    deployment, cleanup = _deployment("api", tmp_path_factory, {"max_upload_bytes": 64 * 1024})
+    deployment, cleanup = _deployment("api", tmp_path_factory, {"max_upload_bytes": 64 * 1024, "max_request_bytes": 16 * 1024})
     yield deployment
     _teardown(cleanup)
 
