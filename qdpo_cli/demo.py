@@ -60,7 +60,10 @@ def start_service(port: int, key: str, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "QDPO_PORT": str(port), "QDPO_BOOTSTRAP_API_KEY": key}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # The demo's service lives only as long as the demo: it leaves the user's client config alone.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "qdpo_cli.main", "serve", "--no-client-config"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

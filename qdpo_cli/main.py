@@ -7,7 +7,9 @@
     qdpo jobs create --quantization rtn --bits 3 --hp beta=0.1 --wait
     qdpo jobs events JOB --follow ; qdpo jobs download JOB --dir out/
 
-Client commands read QDPO_BASE_URL and QDPO_API_KEY (or --base-url / --api-key).
+Client commands find the service and key as `qdpo_client.config` says: --base-url / --api-key, then
+QDPO_BASE_URL / QDPO_API_KEY, then QDPO_HOST / QDPO_PORT, then the client config `qdpo serve` writes
+($XDG_CONFIG_HOME/qdpo/config.json, by default ~/.config/qdpo/config.json).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from qdpo_client.errors import APIError, QdpoClientError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdpo", description="Alignment-as-a-service for quantized LLMs.")
-    parser.add_argument("--base-url", help="service URL (default QDPO_BASE_URL or http://127.0.0.1:8000)")
-    parser.add_argument("--api-key", help="API key (default QDPO_API_KEY, or var/api_key of a local `qdpo serve`)")
+    parser.add_argument(
+        "--base-url", help="service URL (default: QDPO_BASE_URL, QDPO_HOST/QDPO_PORT, the client config `qdpo serve` writes, http://127.0.0.1:8000)"
+    )
+    parser.add_argument("--api-key", help="API key (default: QDPO_API_KEY, or the client config's key for that URL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     run = sub.add_parser("run", help="run a pipeline locally without the service (see `qdpo run --help`)", add_help=False)
     run.add_argument("run_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -69,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.code}: {exc.message}{where}", file=sys.stderr)
         for line in exc.lines[:20]:
             print(f"  line {line.get('line')}: {line.get('field') or ''} {line.get('message')}", file=sys.stderr)
+        for line in (exc.hint or "").splitlines():
+            print(f"  {line}", file=sys.stderr)
         return 1
-    except QdpoClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (QdpoClientError, cli_server.CommandError) as exc:
+        first, *rest = str(exc).splitlines() or [""]
+        print(f"error: {first}", file=sys.stderr)
+        for line in rest:
+            print(f"  {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

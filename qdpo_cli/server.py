@@ -2,19 +2,29 @@
 
 They read the deployment's QDPO_* settings and import the API / worker code only when run, so the
 client commands stay light. `qdpo serve` is the embedded, zero-configuration service: it applies
-the migrations, makes sure an API key exists (printing it), starts one worker process and serves
+the migrations, makes sure an API key exists (printing it), writes the client config (its URL and
+that key, so `qdpo` client commands work from any directory), starts one worker process and serves
 the API in the foreground until interrupted.
+
+The key commands read the deployment's database and never create one: a missing or unmigrated
+database is reported with its URL and the fix (`qdpo migrate`, QDPO_DATABASE_URL, QDPO_VAR_DIR).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 WORKER_STOP_GRACE_S = 10
+
+
+class CommandError(Exception):
+    """A server command cannot run as asked; the message names the setting and the fix (printed without a traceback)."""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-worker", action="store_true", help="serve the API only")
+    serve.add_argument("--no-client-config", action="store_true", help="do not write this service's URL and key to the client config")
     serve.set_defaults(handler=cmd_serve)
     api = sub.add_parser("api", help="serve the REST API only (production: run `qdpo migrate` first)")
     api.add_argument("--host")
@@ -57,6 +68,60 @@ def _sessions(settings):
     from service.db import session_factory
 
     return session_factory(settings.resolved_database_url)
+
+
+def _database_origin(settings) -> str:
+    if settings.database_url:
+        return "from QDPO_DATABASE_URL"
+    var_dir = f"QDPO_VAR_DIR={settings.var_dir}" if os.environ.get("QDPO_VAR_DIR") else f"the default QDPO_VAR_DIR={settings.var_dir}"
+    relative = "" if Path(settings.var_dir).is_absolute() else f", relative to the current directory {Path.cwd()}"
+    return f"QDPO_DATABASE_URL is unset, so the embedded SQLite file under {var_dir}{relative}"
+
+
+def _migrated_sessions(settings):
+    """Sessions on the deployment's database, which must exist and carry the current schema; nothing is created here."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.migrate import alembic_config, current_revision
+
+    url = settings.resolved_database_url
+    shown = make_url(url).render_as_string(hide_password=True)
+    where = f"{shown} ({_database_origin(settings)})"
+    elsewhere = "or point to the deployment's database with QDPO_DATABASE_URL (or QDPO_VAR_DIR for an embedded one)"
+    fix = f"run `qdpo migrate` to create its schema there, {elsewhere}"
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise CommandError(f"no qdpo database at {where}\nrun `qdpo migrate` to create it there, {elsewhere}")
+    try:
+        revision = current_revision(url)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise CommandError(f"cannot open the database at {where}: {reason}\ncheck QDPO_DATABASE_URL, or that the database server is up") from None
+    if revision is None:
+        raise CommandError(f"the database at {where} has no qdpo schema\n{fix}")
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    if revision != head:
+        raise CommandError(f"the database at {where} is at schema revision {revision}, this qdpo needs {head}\nrun `qdpo migrate`")
+    return _sessions(settings)
+
+
+def write_client_config(base_url: str, api_key: str | None) -> Path:
+    """The client config (qdpo_client.config): this service's URL and key, readable by the user only."""
+    from qdpo_client.config import config_path
+
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        json.dump({"base_url": base_url, "api_key": api_key}, handle, indent=2)
+        handle.write("\n")
+    os.chmod(tmp, 0o600)  # whatever the umask
+    os.replace(tmp, path)
+    return path
 
 
 def cmd_migrate(_args) -> int:
@@ -98,6 +163,14 @@ def cmd_serve(args) -> int:
     print(f"qdpo: API on http://{host}:{port}  (docs: /docs)", flush=True)
     if key:
         print(f"qdpo: API key for tenant 'default': {key}  (also in {settings.var_dir / 'api_key'})", flush=True)
+    if not args.no_client_config:
+        from qdpo_client.config import url_for
+
+        try:
+            path = write_client_config(url_for(host, port), key)
+            print(f"qdpo: client config written to {path}: `qdpo` commands and Client() find this service from any directory", flush=True)
+        except OSError as exc:
+            print(f"qdpo: could not write the client config ({exc}); pass --base-url and --api-key to client commands", flush=True)
     worker = None
     if not args.no_worker:
         worker = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "worker"], env=os.environ.copy())
@@ -169,7 +242,7 @@ def cmd_reconcile(_args) -> int:
 def cmd_keys_create(args) -> int:
     from service.crud import keys as keys_crud
 
-    with _sessions(_settings())() as session:
+    with _migrated_sessions(_settings())() as session:
         record, key = keys_crud.create_key(session, tenant_name=args.tenant, name=args.name)
         print(f"created {record.id} for tenant {args.tenant!r}; the key is shown only now:\n{key}")
     return 0
@@ -178,7 +251,7 @@ def cmd_keys_create(args) -> int:
 def cmd_keys_list(args) -> int:
     from service.crud import keys as keys_crud
 
-    with _sessions(_settings())() as session:
+    with _migrated_sessions(_settings())() as session:
         for record in keys_crud.list_keys(session, tenant_name=args.tenant):
             state = f"revoked {record.revoked_at:%Y-%m-%d}" if record.revoked_at else "active"
             print(f"{record.id}  {record.key_prefix}…  tenant={record.tenant.name}  name={record.name or '-'}  {state}")
@@ -188,7 +261,7 @@ def cmd_keys_list(args) -> int:
 def cmd_keys_revoke(args) -> int:
     from service.crud import keys as keys_crud
 
-    with _sessions(_settings())() as session:
+    with _migrated_sessions(_settings())() as session:
         record = keys_crud.revoke_key(session, key_id=args.key_id)
     if record is None:
         print(f"no key {args.key_id!r}", file=sys.stderr)

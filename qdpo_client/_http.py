@@ -6,28 +6,14 @@ Job creation is retried safely because every create sends an Idempotency-Key.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from qdpo_client.errors import APIConnectionError, APIError, error_for
-
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-EMBEDDED_KEY_FILE = Path("var") / "api_key"  # written by `qdpo serve` for the local, embedded service
-
-
-def default_base_url() -> str:
-    return os.environ.get("QDPO_BASE_URL") or DEFAULT_BASE_URL
-
-
-def default_api_key() -> str | None:
-    """QDPO_API_KEY, else the key an embedded `qdpo serve` in this directory wrote for you."""
-    key = os.environ.get("QDPO_API_KEY")
-    if not key and EMBEDDED_KEY_FILE.is_file():
-        key = EMBEDDED_KEY_FILE.read_text().strip()
-    return key or None
+from qdpo_client.config import Connection, resolve_connection
+from qdpo_client.errors import APIConnectionError, APIError, AuthenticationError, error_for
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -55,17 +41,34 @@ def raise_for_error(response: httpx.Response) -> httpx.Response:
     return response
 
 
-def client_options(base_url: str | None, api_key: str | None, timeout: float) -> dict:
+def client_options(connection: Connection, timeout: float) -> dict:
     headers = {"User-Agent": "qdpo-client/0.1"}
-    api_key = api_key or default_api_key()
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return {"base_url": (base_url or default_base_url()).rstrip("/"), "headers": headers, "timeout": httpx.Timeout(timeout, connect=10.0)}
+    if connection.api_key:
+        headers["Authorization"] = f"Bearer {connection.api_key}"
+    return {"base_url": connection.base_url, "headers": headers, "timeout": httpx.Timeout(timeout, connect=10.0)}
+
+
+def connect(base_url: str | None, api_key: str | None, connection: Connection | None, http_client) -> Connection | None:
+    """The connection a client uses: the one given, else resolved from arguments, environment and config (none for a ready-made http_client)."""
+    if connection is not None or http_client is not None:
+        return connection
+    return resolve_connection(base_url, api_key)
+
+
+def _unreachable(base_url, connection: Connection | None, exc: httpx.TransportError, *, answered: bool = False) -> APIConnectionError:
+    what = "lost the connection to" if answered else "cannot reach"
+    message = f"{what} the qdpo service at {base_url} ({type(exc).__name__}: {exc})"
+    return APIConnectionError(f"{message}\n{connection.unreachable_hint()}" if connection else message)
+
+
+def _explain(exc: APIError, connection: Connection | None) -> None:
+    if isinstance(exc, AuthenticationError) and connection is not None:
+        exc.hint = connection.unauthorized_hint()
 
 
 class SyncHTTP:
-    def __init__(self, http: httpx.Client, max_retries: int):
-        self.http, self.max_retries = http, max_retries
+    def __init__(self, http: httpx.Client, max_retries: int, connection: Connection | None = None):
+        self.http, self.max_retries, self.connection = http, max_retries, connection
 
     def request(self, method: str, path: str, *, retries: int | None = None, **kwargs) -> httpx.Response:
         retries = self.max_retries if retries is None else retries
@@ -74,16 +77,37 @@ class SyncHTTP:
                 with attempt:
                     return raise_for_error(self.http.request(method, path, **kwargs))
         except httpx.TransportError as exc:
-            raise APIConnectionError(f"cannot reach {self.http.base_url}: {type(exc).__name__}: {exc}") from exc
+            raise _unreachable(self.http.base_url, self.connection, exc) from exc
+        except APIError as exc:
+            _explain(exc, self.connection)
+            raise
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kwargs) -> Iterator[httpx.Response]:
+        """A streamed response (not retried), with the same errors as `request`."""
+        answered = False
+        try:
+            with self.http.stream(method, path, **kwargs) as response:
+                answered = True
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        raise_for_error(response)
+                    except APIError as exc:
+                        _explain(exc, self.connection)
+                        raise
+                yield response
+        except httpx.TransportError as exc:
+            raise _unreachable(self.http.base_url, self.connection, exc, answered=answered) from exc
 
     def json(self, method: str, path: str, **kwargs):
         return self.request(method, path, **kwargs).json()
 
 
 class AsyncHTTP:
-    def __init__(self, http: httpx.AsyncClient, max_retries: int):
-        self.http, self.max_retries = http, max_retries
+    def __init__(self, http: httpx.AsyncClient, max_retries: int, connection: Connection | None = None):
+        self.http, self.max_retries, self.connection = http, max_retries, connection
 
     async def request(self, method: str, path: str, *, retries: int | None = None, **kwargs) -> httpx.Response:
         retries = self.max_retries if retries is None else retries
@@ -92,8 +116,28 @@ class AsyncHTTP:
                 with attempt:
                     return raise_for_error(await self.http.request(method, path, **kwargs))
         except httpx.TransportError as exc:
-            raise APIConnectionError(f"cannot reach {self.http.base_url}: {type(exc).__name__}: {exc}") from exc
+            raise _unreachable(self.http.base_url, self.connection, exc) from exc
+        except APIError as exc:
+            _explain(exc, self.connection)
+            raise
         raise AssertionError("unreachable")
+
+    @asynccontextmanager
+    async def stream(self, method: str, path: str, **kwargs) -> AsyncIterator[httpx.Response]:
+        answered = False
+        try:
+            async with self.http.stream(method, path, **kwargs) as response:
+                answered = True
+                if response.status_code >= 400:
+                    await response.aread()
+                    try:
+                        raise_for_error(response)
+                    except APIError as exc:
+                        _explain(exc, self.connection)
+                        raise
+                yield response
+        except httpx.TransportError as exc:
+            raise _unreachable(self.http.base_url, self.connection, exc, answered=answered) from exc
 
     async def json(self, method: str, path: str, **kwargs):
         return (await self.request(method, path, **kwargs)).json()

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 
 from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params
-from qdpo_client._http import AsyncHTTP, client_options, raise_for_error
+from qdpo_client._http import AsyncHTTP, client_options, connect
+from qdpo_client.config import Connection
 from qdpo_client.errors import JobCancelled, JobFailed
 from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page
 
@@ -82,12 +83,9 @@ class AsyncJobs:
 
     async def stream_events(self, job_id: str, *, after: str | None = None) -> AsyncIterator[Event]:
         params = page_params(after=after, stream="true")
-        async with self._http.http.stream(
+        async with self._http.stream(
             "GET", f"/v1/jobs/{job_id}/events", params=params, headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(60.0, read=None)
         ) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise_for_error(response)
             parser = SSEParser()
             async for line in response.aiter_lines():
                 message = parser.feed(line)
@@ -130,10 +128,7 @@ class AsyncJobs:
         dest = Path(dest)
         writer = HashingWriter(dest / f"{job_id}-adapter.tar.gz")
         try:
-            async with self._http.http.stream("GET", f"/v1/jobs/{job_id}/adapter") as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise_for_error(response)
+            async with self._http.stream("GET", f"/v1/jobs/{job_id}/adapter") as response:
                 expected = expected_sha256(response.headers, job.adapter.sha256 if job.adapter else None)
                 size = int(response.headers["content-length"]) if "content-length" in response.headers else None
                 async for chunk in response.aiter_bytes():
@@ -154,6 +149,8 @@ class AsyncModels:
 
 
 class AsyncClient:
+    """`AsyncClient(base_url, api_key)`; found like `Client`'s when not given (see `qdpo_client.config`)."""
+
     def __init__(
         self,
         base_url: str | None = None,
@@ -162,10 +159,13 @@ class AsyncClient:
         timeout: float = 60.0,
         max_retries: int = 3,
         http_client: httpx.AsyncClient | None = None,
+        connection: Connection | None = None,
     ):
-        self.http = http_client or httpx.AsyncClient(**client_options(base_url, api_key, timeout))
-        transport = AsyncHTTP(self.http, max_retries)
+        self.connection = connect(base_url, api_key, connection, http_client)
+        self.http = http_client or httpx.AsyncClient(**client_options(self.connection, timeout))
+        transport = AsyncHTTP(self.http, max_retries, self.connection)
         self.files, self.jobs, self.models = AsyncFiles(transport), AsyncJobs(transport), AsyncModels(transport)
+        self._transport = transport
 
     async def aclose(self) -> None:
         await self.http.aclose()

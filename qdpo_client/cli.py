@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qdpo_client.client import Client
+from qdpo_client.config import resolve_connection
 from qdpo_client.types import Event
 
 out = Console()
@@ -94,7 +95,7 @@ def _paging(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args) -> Client:
-    return Client(args.base_url, args.api_key)
+    return Client(connection=resolve_connection(args.base_url, args.api_key, given_as=("--base-url", "--api-key")))
 
 
 def _value(text: str):

@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 
 from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params
-from qdpo_client._http import SyncHTTP, client_options, raise_for_error
+from qdpo_client._http import SyncHTTP, client_options, connect
+from qdpo_client.config import Connection
 from qdpo_client.errors import JobCancelled, JobFailed
 from qdpo_client.progress import JobProgress
 from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page
@@ -93,12 +94,9 @@ class Jobs:
     def stream_events(self, job_id: str, *, after: str | None = None) -> Iterator[Event]:
         """Yield events live (server-sent events) until the job ends."""
         params = page_params(after=after, stream="true")
-        with self._http.http.stream(
+        with self._http.stream(
             "GET", f"/v1/jobs/{job_id}/events", params=params, headers={"Accept": "text/event-stream"}, timeout=httpx.Timeout(60.0, read=None)
         ) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise_for_error(response)
             parser = SSEParser()
             for line in response.iter_lines():
                 message = parser.feed(line)
@@ -154,10 +152,7 @@ class Jobs:
         dest = Path(dest)
         writer = HashingWriter(dest / f"{job_id}-adapter.tar.gz")
         try:
-            with self._http.http.stream("GET", f"/v1/jobs/{job_id}/adapter") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise_for_error(response)
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/adapter") as response:
                 expected = expected_sha256(response.headers, job.adapter.sha256 if job.adapter else None)
                 size = int(response.headers["content-length"]) if "content-length" in response.headers else None
                 for chunk in response.iter_bytes():
@@ -178,13 +173,22 @@ class Models:
 
 
 class Client:
-    """`Client(base_url, api_key)`; both default to QDPO_BASE_URL / QDPO_API_KEY."""
+    """`Client(base_url, api_key)`; what is not given is found as `qdpo_client.config` says: QDPO_BASE_URL /
+    QDPO_API_KEY, QDPO_HOST / QDPO_PORT, then the client config `qdpo serve` writes."""
 
     def __init__(
-        self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0, max_retries: int = 3, http_client: httpx.Client | None = None
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        http_client: httpx.Client | None = None,
+        connection: Connection | None = None,
     ):
-        self.http = http_client or httpx.Client(**client_options(base_url, api_key, timeout))
-        transport = SyncHTTP(self.http, max_retries)
+        self.connection = connect(base_url, api_key, connection, http_client)
+        self.http = http_client or httpx.Client(**client_options(self.connection, timeout))
+        transport = SyncHTTP(self.http, max_retries, self.connection)
         self.files, self.jobs, self.models = Files(transport), Jobs(transport), Models(transport)
         self._transport = transport
 

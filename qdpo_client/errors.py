@@ -10,7 +10,7 @@ class QdpoClientError(Exception):
 
 
 class APIConnectionError(QdpoClientError):
-    """The server could not be reached (after retries)."""
+    """The server could not be reached (after retries); the message says which URL, where it came from, and what to do."""
 
 
 class APIError(QdpoClientError):
@@ -20,6 +20,11 @@ class APIError(QdpoClientError):
         super().__init__(f"{status_code} {code}: {message}")
         self.status_code, self.code, self.message, self.param = status_code, code, message, param
         self.body = body or {}
+        self.hint: str | None = None  # what to do about it, where the client knows more than the server (a 401: where the key came from)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}\n{self.hint}" if self.hint else text
 
     @property
     def lines(self) -> list[dict[str, Any]]:
