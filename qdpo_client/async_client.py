@@ -1,4 +1,5 @@
-"""Asynchronous client: the same resources and methods as `Client`, awaited.
+"""Asynchronous client: the same resources, methods and parameters as `Client`, awaited
+(tests/test_client_parity.py holds them to it); `jobs.wait` draws no progress bar.
 
 async with AsyncClient("http://localhost:8000", api_key=KEY) as c:
     job = await c.jobs.create(method={"type": "qdpo"}, quantization={"method": "nf4"})
@@ -39,6 +40,9 @@ class AsyncFiles:
     async def get(self, file_id: str) -> File:
         return File.model_validate(await self._http.json("GET", f"/v1/files/{file_id}"))
 
+    async def content(self, file_id: str) -> bytes:
+        return (await self._http.request("GET", f"/v1/files/{file_id}/content")).content
+
     async def delete(self, file_id: str) -> dict:
         return await self._http.json("DELETE", f"/v1/files/{file_id}")
 
@@ -78,8 +82,9 @@ class AsyncJobs:
     async def delete(self, job_id: str) -> dict:
         return await self._http.json("DELETE", f"/v1/jobs/{job_id}")
 
-    async def events(self, job_id: str, *, after: str | None = None, limit: int | None = None) -> Page[Event]:
-        return Page[Event].model_validate(await self._http.json("GET", f"/v1/jobs/{job_id}/events", params=page_params(after=after, limit=limit)))
+    async def events(self, job_id: str, *, after: str | None = None, limit: int | None = None, types: list[str] | None = None) -> Page[Event]:
+        params = page_params(after=after, limit=limit, type=types)
+        return Page[Event].model_validate(await self._http.json("GET", f"/v1/jobs/{job_id}/events", params=params))
 
     async def stream_events(self, job_id: str, *, after: str | None = None) -> AsyncIterator[Event]:
         params = page_params(after=after, stream="true")
@@ -102,16 +107,37 @@ class AsyncJobs:
     async def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return [Checkpoint.model_validate(c) for c in (await self._http.json("GET", f"/v1/jobs/{job_id}/checkpoints"))["data"]]
 
-    async def report(self, job_id: str) -> Any:
+    async def report(self, job_id: str, *, markdown: bool = False) -> Any:
+        if markdown:
+            return (await self._http.request("GET", f"/v1/jobs/{job_id}/report", params={"format": "markdown"})).text
         return await self._http.json("GET", f"/v1/jobs/{job_id}/report")
 
-    async def wait(self, job_id: str, *, poll_interval: float = 2.0, timeout: float | None = None, on_update: Callable[[Job], None] | None = None) -> Job:
-        """Poll until the job ends; returns it when it succeeded, raises JobFailed / JobCancelled / TimeoutError."""
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        poll_interval: float = 2.0,
+        timeout: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        on_update: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """Poll until the job ends; returns it when it succeeded, raises JobFailed / JobCancelled / TimeoutError.
+
+        `on_event` gets every event once, in order; `on_update` the job after each poll. (No progress bar: that is the sync client's.)
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = None
         while True:
             job = await self.get(job_id)
             if on_update is not None:
                 on_update(job)
+            if on_event is not None:
+                page = await self.events(job_id, after=cursor, limit=1000)
+                for event in page.data:
+                    on_event(event)
+                cursor = page.data[-1].id if page.data else cursor
+                if page.has_more:
+                    continue
             if job.done:
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -166,6 +192,9 @@ class AsyncClient:
         transport = AsyncHTTP(self.http, max_retries, self.connection)
         self.files, self.jobs, self.models = AsyncFiles(transport), AsyncJobs(transport), AsyncModels(transport)
         self._transport = transport
+
+    async def health(self) -> dict:
+        return await self._transport.json("GET", "/readyz", retries=0)
 
     async def aclose(self) -> None:
         await self.http.aclose()

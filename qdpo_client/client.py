@@ -119,15 +119,27 @@ class Jobs:
         return self._http.json("GET", f"/v1/jobs/{job_id}/report")
 
     def wait(
-        self, job_id: str, *, poll_interval: float = 2.0, timeout: float | None = None, progress: bool = True, on_event: Callable[[Event], None] | None = None
+        self,
+        job_id: str,
+        *,
+        poll_interval: float = 2.0,
+        timeout: float | None = None,
+        progress: bool = True,
+        on_event: Callable[[Event], None] | None = None,
+        on_update: Callable[[Job], None] | None = None,
     ) -> Job:
-        """Poll until the job ends; returns it when it succeeded, raises JobFailed / JobCancelled / TimeoutError."""
+        """Poll until the job ends; returns it when it succeeded, raises JobFailed / JobCancelled / TimeoutError.
+
+        `progress` draws a bar on stderr; `on_event` gets every event once, in order; `on_update` the job after each poll.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         cursor = None
         with JobProgress(progress) as bar:
             while True:
                 job = self.get(job_id)
                 bar.update(job)
+                if on_update is not None:
+                    on_update(job)
                 if on_event is not None:
                     page = self.events(job_id, after=cursor, limit=1000)
                     for event in page.data:
