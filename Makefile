@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m qdpo_client.demo
+	$(PY) -m qdpo_cli.demo
 
 # The service tests need the real Postgres and Redis: ensure_services starts them where it can,
 # or stops with the exact command to run. It never lets them be skipped silently.
