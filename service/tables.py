@@ -1,7 +1,8 @@
 """Database tables (SQLAlchemy 2.0). Alembic migrations create them; nothing calls create_all.
 
 Public ids (`job_…`, `file_…`) are random strings so they reveal nothing about other tenants;
-an integer `pk` beside them gives a strict, portable order for cursor pagination and event ids.
+an integer `pk` beside them gives a strict, portable order for cursor pagination. Event ids count
+per job (`evt_1` is every job's first event): `Job.event_seq` is the last number handed out.
 Times are timezone-aware UTC.
 """
 
@@ -88,6 +89,7 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64))
     metadata_: Mapped[dict] = mapped_column("metadata", JSONType, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_sha256: Mapped[str | None] = mapped_column(String(64))  # fingerprint of `request` (service.crud.jobs.request_fingerprint)
 
     progress: Mapped[dict | None] = mapped_column(JSONType)
     error: Mapped[dict | None] = mapped_column(JSONType)
@@ -103,6 +105,7 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     task_id: Mapped[str | None] = mapped_column(String(64))
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # number of the job's last event
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
@@ -112,10 +115,11 @@ class Job(Base):
 
 class JobEvent(Base):
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_job_pk", "job_pk", "pk"),)
+    __table_args__ = (UniqueConstraint("job_pk", "seq", name="uq_job_events_job_seq"),)
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_pk: Mapped[int] = mapped_column(ForeignKey("jobs.pk", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)  # 1, 2, … within the job; the public id is evt_<seq>
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     type: Mapped[str] = mapped_column(String(16))
     stage: Mapped[str | None] = mapped_column(String(32))

@@ -26,7 +26,7 @@ STREAM_BATCH = 200
 
 def event_public(event: JobEvent) -> EventPublic:
     return EventPublic(
-        id=events_crud.event_public_id(event.pk),
+        id=events_crud.event_public_id(event.seq),
         created_at=event.created_at.timestamp(),
         type=event.type,
         stage=event.stage,
@@ -64,17 +64,17 @@ def list_events(
     """A job's events, oldest first: paged with `after`, or streamed live (SSE)."""
     job = get_tenant_job(session, tenant, job_id)
     if after is not None:
-        after_pk = events_crud.parse_event_cursor(after, "after")
+        after_seq = events_crud.parse_event_cursor(after, "after")
     else:  # an SSE client reconnecting sends the last id it saw as a header
-        after_pk = events_crud.parse_event_cursor(last_event_id if _wants_stream(request, stream) else None, "Last-Event-ID")
+        after_seq = events_crud.parse_event_cursor(last_event_id if _wants_stream(request, stream) else None, "Last-Event-ID")
     if _wants_stream(request, stream):
-        return EventSourceResponse(_event_stream(request, job.pk, after_pk, type), ping=15)
-    events, has_more = events_crud.list_events(session, job_pk=job.pk, after_pk=after_pk, limit=limit, types=type)
+        return EventSourceResponse(_event_stream(request, job.pk, after_seq, type), ping=15)
+    events, has_more = events_crud.list_events(session, job_pk=job.pk, after_seq=after_seq, limit=limit, types=type)
     data = [event_public(e) for e in events]
     return Page[EventPublic](data=data, has_more=has_more, next_cursor=data[-1].id if has_more else None)
 
 
-async def _event_stream(request: Request, job_pk: int, after_pk: int, types: list[str] | None):
+async def _event_stream(request: Request, job_pk: int, after_seq: int, types: list[str] | None):
     """Poll the database and forward new events; finish once the job is over and drained."""
     sessions, poll = request.app.state.sessions, request.app.state.settings.event_stream_poll_seconds
 
@@ -83,10 +83,10 @@ async def _event_stream(request: Request, job_pk: int, after_pk: int, types: lis
             job = session.get(Job, job_pk)
             if job is None:  # deleted while someone was following it
                 return [], "deleted"
-            events, _ = events_crud.list_events(session, job_pk=job_pk, after_pk=cursor, limit=STREAM_BATCH, types=types)
+            events, _ = events_crud.list_events(session, job_pk=job_pk, after_seq=cursor, limit=STREAM_BATCH, types=types)
             return [event_public(e) for e in events], job.status
 
-    cursor = after_pk
+    cursor = after_seq
     while not await request.is_disconnected():
         events, status = await anyio.to_thread.run_sync(fetch, cursor)
         for event in events:

@@ -49,7 +49,9 @@ def create_job(
 ) -> JobPublic:
     """Create a job; it is validated completely, stored, and only then queued."""
     idempotency_key = idempotency_key or None  # an empty header is no key
+    request = body.model_dump(exclude_none=True)
     if idempotency_key and (earlier := jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key)):
+        jobs_crud.check_idempotent_reuse(earlier, key=idempotency_key, request=request)
         response.status_code = 200
         return job_public(earlier)
     spec, inputs = build_spec(body)
@@ -62,7 +64,8 @@ def create_job(
         method=spec["method"],
         spec=spec,
         inputs=inputs,
-        request=body.model_dump(exclude_none=True),
+        request=request,
+        request_sha256=jobs_crud.request_fingerprint(request),
         suffix=body.suffix,
         metadata_=body.metadata or {},
         idempotency_key=idempotency_key,
@@ -74,6 +77,7 @@ def create_job(
         earlier = jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key or "")
         if earlier is None:
             raise
+        jobs_crud.check_idempotent_reuse(earlier, key=idempotency_key or "", request=request)
         response.status_code = 200
         return job_public(earlier)
     validate_and_queue(session, store=store, queue=queue, job=job)

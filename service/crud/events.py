@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import InvalidInput
-from service.tables import JobCheckpoint, JobEvent, JobMetric
+from service.tables import Job, JobCheckpoint, JobEvent, JobMetric
 
 EVENT_PREFIX = "evt_"
 MAX_EVENT_NUMBER = 2**31 - 1  # the column is a 32-bit integer on every database
 _EVENT_ID = re.compile(r"evt_([0-9]{1,10})")  # ASCII digits only: str.isdigit() would take '²'
 
 
-def event_public_id(pk: int) -> str:
-    return f"{EVENT_PREFIX}{pk}"
+def event_public_id(seq: int) -> str:
+    return f"{EVENT_PREFIX}{seq}"
 
 
 def parse_event_cursor(after: str | None, param: str = "after") -> int:
@@ -32,6 +33,21 @@ def parse_event_cursor(after: str | None, param: str = "after") -> int:
     return int(match.group(1))
 
 
+def storable(value: Any) -> Any:
+    """Text as every database stores it: NUL becomes U+FFFD, a lone surrogate its escape (at any depth).
+
+    Event messages and data can quote what a model or a remote endpoint said; that must not make the
+    write fail (Postgres refuses NUL, no encoder takes a lone surrogate).
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
+
+
 def add_event(
     session: Session,
     *,
@@ -43,16 +59,35 @@ def add_event(
     step: int | None = None,
     total: int | None = None,
     data: dict | None = None,
-) -> None:
-    session.add(JobEvent(job_pk=job_pk, type=type, stage=stage, level=level, message=message, step=step, total=total, data=data or {}))
+) -> int | None:
+    """Add one event to the job's log, in the caller's transaction; returns its number (None: no such job).
+
+    The only way events are written (lifecycle events from service.crud.jobs, pipeline events from
+    the worker's recorder). The number comes from the job row's counter, incremented by one UPDATE,
+    so concurrent writers get distinct, gap-free numbers and the row lock orders them.
+    """
+    increment = (
+        update(Job)
+        .where(Job.pk == job_pk)
+        .values(event_seq=Job.event_seq + 1, updated_at=Job.updated_at)  # an event is not a change of the job's state
+        .returning(Job.event_seq)
+        .execution_options(synchronize_session=False)
+    )
+    seq = session.execute(increment).scalar()
+    if seq is None:  # deleted meanwhile
+        return None
+    session.add(
+        JobEvent(job_pk=job_pk, seq=seq, type=type, stage=stage, level=level, message=storable(message), step=step, total=total, data=storable(data or {}))
+    )
+    return seq
 
 
-def list_events(session: Session, *, job_pk: int, after_pk: int, limit: int, types: list[str] | None = None) -> tuple[list[JobEvent], bool]:
+def list_events(session: Session, *, job_pk: int, after_seq: int, limit: int, types: list[str] | None = None) -> tuple[list[JobEvent], bool]:
     """Oldest first, so a client can follow a job by passing the last id it saw."""
-    query = select(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.pk > after_pk)
+    query = select(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.seq > after_seq)
     if types:
         query = query.where(JobEvent.type.in_(types))
-    rows = list(session.scalars(query.order_by(JobEvent.pk).limit(limit + 1)))
+    rows = list(session.scalars(query.order_by(JobEvent.seq).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 

@@ -11,21 +11,25 @@ the reconciler — can never both win: the loser's UPDATE matches no row.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from service.crud import events as events_crud
 from service.crud.pagination import page
+from service.errors import InvalidInput
 from service.security import looks_like_id
-from service.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, JobEvent, utcnow
+from service.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, utcnow
 
 LIVE_STATUSES = (RUNNING, CANCELLING)
 
 
 def add_status_event(session: Session, *, job_pk: int, message: str, level: str = "info", **data) -> None:
     """A lifecycle event (type "status"), written in the caller's transaction."""
-    session.add(JobEvent(job_pk=job_pk, type="status", stage=None, level=level, message=message, data=data))
+    events_crud.add_event(session, job_pk=job_pk, type="status", stage=None, level=level, message=message, data=data)
 
 
 def create_job(session: Session, *, job: Job) -> Job:
@@ -38,6 +42,38 @@ def create_job(session: Session, *, job: Job) -> Job:
 
 def find_by_idempotency_key(session: Session, *, tenant_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def request_fingerprint(request: dict) -> str:
+    """sha256 of the canonical JSON of a validated creation request (keys sorted, no spaces, ASCII)."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")).hexdigest()
+
+
+def request_differences(first: dict, second: dict, prefix: str = "") -> list[str]:
+    """Dotted paths at which two requests differ (a field given in only one of them counts)."""
+    paths = []
+    for key in sorted(set(first) | set(second)):
+        a, b, path = first.get(key), second.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            paths += request_differences(a, b, path + ".")
+        elif a != b or type(a) is not type(b):
+            paths.append(path)
+    return paths
+
+
+def check_idempotent_reuse(earlier: Job, *, key: str, request: dict) -> None:
+    """The same Idempotency-Key must come with the same request, or it is refused (as payment APIs do)."""
+    if earlier.request_sha256 == request_fingerprint(request):
+        return
+    differences = request_differences(earlier.request or {}, request)
+    shown = ", ".join(differences[:5]) + (f" and {len(differences) - 5} more" if len(differences) > 5 else "")
+    raise InvalidInput(
+        f"Idempotency-Key: {key[:80]!r} was first used to create job {earlier.id} with a different request (it differs in {shown or 'its body'}); "
+        "resend exactly the first request to get that job back, or use a new key for a new job",
+        "Idempotency-Key",
+        code="idempotency_key_reused",
+        job_id=earlier.id,
+    )
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
@@ -152,6 +188,7 @@ def finish(
 ) -> bool:
     """Enter a terminal state (only if the lease is still `owner`'s, when given)."""
     assert status in TERMINAL_STATUSES
+    values = {key: events_crud.storable(value) if key in ("error", "report") else value for key, value in values.items()}  # may quote remote text
     done = _cas(session, job_pk, accept, owner=owner, status=status, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, **values)
     if done:
         add_status_event(session, job_pk=job_pk, message=message, level=level)
