@@ -14,7 +14,8 @@ from api.core.errors import ApiError
 from api.schemas.jobs import AdapterInfo, JobCreate, JobPublic, Progress
 from qdpo_core import registry
 from qdpo_core.config import PipelineSpec
-from qdpo_core.errors import SpecError
+from qdpo_core.errors import QdpoError, SpecError
+from qdpo_core.outbound import OutboundPolicy
 from service import tables as models
 from service.fields import api_message, api_param
 from service.inputs import INPUT_FILES
@@ -38,8 +39,11 @@ def check_model(name: str) -> None:
         raise ApiError(422, "model_not_available", f"model: {name!r} is not offered by this deployment; use one of: {offered} (GET /v1/models)", "model")
 
 
-def build_spec(request: JobCreate) -> tuple[dict, dict]:
-    """Validate a creation request into (normalised PipelineSpec dict, {dataset field: file id})."""
+def build_spec(request: JobCreate, outbound_policy: OutboundPolicy | None = None) -> tuple[dict, dict]:
+    """Validate a creation request into (normalised PipelineSpec dict, {dataset field: file id}).
+
+    With an `outbound_policy`, every endpoint URL the job would call is resolved and checked too.
+    """
     check_model(request.model)
     method = request.method.type if request.method else "qdpo"
     dataset = request.dataset.given() if request.dataset else {}
@@ -75,7 +79,23 @@ def build_spec(request: JobCreate) -> tuple[dict, dict]:
         raise to_api_error(exc) from exc
     except (TypeError, ValueError) as exc:  # a value of the right JSON type but unusable (e.g. a comparison failed)
         raise ApiError(422, "invalid_spec", f"the job settings are invalid: {exc}", None) from exc
+    if outbound_policy is not None:
+        _check_endpoints(spec, outbound_policy)
     return spec, inputs
+
+
+def _check_endpoints(spec: dict, policy: OutboundPolicy) -> None:
+    """An endpoint a worker would call must be one this deployment lets it call (no SSRF to private networks)."""
+    for section, key, api_path in _LABELER_PLACES:
+        labeler = (spec.get(section) or {}).get(key)
+        if not labeler or labeler.get("kind") != "openai":
+            continue
+        if section != "eval" and spec["method"] != section:
+            continue  # settings of a method the job does not use are never called
+        try:
+            policy.check_url(labeler["base_url"], f"{api_path}.base_url")
+        except QdpoError as exc:
+            raise ApiError(422, exc.code, exc.message, exc.param) from exc
 
 
 # Where labeler settings can appear in a request, and how the API names each place.

@@ -18,6 +18,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from qdpo_core.outbound import OutboundPolicy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QDPO_", env_file=None, extra="ignore", env_ignore_empty=True)
@@ -32,6 +34,14 @@ class Settings(BaseSettings):
     # Models offered on top of the bundled one, as JSON {"name": "/path/to/hf-dir" or "org/hub-id"}.
     extra_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, description='Extra models as JSON, e.g. {"tiny-llama": "/models/tiny"}.')
     device: str = Field("auto", description="Device the worker trains on: auto, cpu, cuda, cuda:N.")
+
+    # Outbound calls a job asks for (labeler and judge endpoints): never to private networks unless allowed
+    outbound_allow_private: bool = Field(
+        False, description="Let jobs call endpoints on loopback, link-local, private and other non-global addresses (off: only public ones)."
+    )
+    outbound_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Networks jobs may call even though they are not public, comma-separated CIDRs, e.g. 10.0.5.0/24,fd00::/8."
+    )
 
     # API
     host: str = Field("127.0.0.1", description="Address `qdpo serve` / `qdpo api` binds to.")
@@ -68,6 +78,28 @@ class Settings(BaseSettings):
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ValueError('QDPO_EXTRA_MODELS must be a JSON object of names to model directories, e.g. {"tiny": "/models/tiny"}')
         return value
+
+    @field_validator("outbound_allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value):
+        import ipaddress
+
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"QDPO_OUTBOUND_ALLOWED_NETWORKS: {network!r} is not a network ({exc}); use CIDRs such as 10.0.5.0/24") from exc
+        return value
+
+    def outbound_policy(self) -> OutboundPolicy:
+        """Where jobs may send requests: checked by the API when a job is created and by the worker on every connection."""
+        return OutboundPolicy(
+            allow_private=self.outbound_allow_private,
+            allowed_networks=tuple(self.outbound_allowed_networks),
+            how_to_allow="ask the operator to allow its network (QDPO_OUTBOUND_ALLOWED_NETWORKS, or QDPO_OUTBOUND_ALLOW_PRIVATE=true)",
+        )
 
     @property
     def resolved_artifact_dir(self) -> Path:

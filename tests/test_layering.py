@@ -27,7 +27,7 @@ SERVICE_FRAMEWORKS = ("fastapi", "starlette", "celery", "kombu", "sqlalchemy", "
 WEB = ("fastapi", "starlette", "uvicorn", "sse_starlette")
 OUR_PACKAGES = ("qdpo_core", "service", "api", "worker", "qdpo_client", "qdpo_cli")
 # The qdpo_core modules that import no torch: what the API and the service layer may use.
-TORCH_FREE_CORE = {"qdpo_core", "qdpo_core.config", "qdpo_core.errors", "qdpo_core.events", "qdpo_core.registry", "qdpo_core.datasets"}
+TORCH_FREE_CORE = {"qdpo_core", "qdpo_core.config", "qdpo_core.errors", "qdpo_core.events", "qdpo_core.registry", "qdpo_core.datasets", "qdpo_core.outbound"}
 # package: (roots it must not import, whether only TORCH_FREE_CORE modules of qdpo_core are allowed)
 RULES = {
     "qdpo_core": (SERVICE_FRAMEWORKS + ("service", "api", "worker", "qdpo_client", "qdpo_cli"), False),
@@ -112,5 +112,5 @@ def test_the_layer_rules_catch_a_violation(tmp_path, monkeypatch):
 
 def test_torch_free_core_modules_stay_torch_free():
     # The API validates jobs and uploads with these; they must not drag torch in.
-    loaded = modules_after("import qdpo_core.config, qdpo_core.errors, qdpo_core.events, qdpo_core.registry, qdpo_core.datasets")
+    loaded = modules_after("import qdpo_core.config, qdpo_core.errors, qdpo_core.events, qdpo_core.registry, qdpo_core.datasets, qdpo_core.outbound")
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))

@@ -16,6 +16,7 @@ import shutil
 import socket
 from dataclasses import dataclass
 
+from qdpo_core import outbound
 from qdpo_core.config import PipelineSpec
 from qdpo_core.errors import Cancelled, QdpoError
 from service.config import Settings
@@ -73,6 +74,7 @@ class JobRunner:
     def run(self) -> str:
         """Returns what happened: skipped, succeeded, failed, cancelled or lost."""
         self.settings.register_models()
+        outbound.set_policy(self.settings.outbound_policy())  # every labeler / judge client of this job checks where it connects
         with self.sessions() as session:
             job = jobs_crud.claim(session, job_id=self.job_id, owner=self.owner, lease_seconds=self.settings.lease_seconds, task_id=self.task_id)
         if job is None:

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api import metrics
 from api.core.errors import ApiError
-from api.deps import CurrentTenant, QueueDep, SessionDep, StoreDep
+from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StoreDep
 from api.jobspec import build_spec, job_public
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
@@ -37,6 +37,7 @@ def create_job(
     session: SessionDep,
     store: StoreDep,
     queue: QueueDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -54,7 +55,7 @@ def create_job(
         jobs_crud.check_idempotent_reuse(earlier, key=idempotency_key, request=request)
         response.status_code = 200
         return job_public(earlier)
-    spec, inputs = build_spec(body)
+    spec, inputs = build_spec(body, outbound_policy=settings.outbound_policy())
     resolve_inputs(session, store, tenant_id=tenant.id, inputs=inputs)
     job = Job(
         id=new_id("job"),

@@ -11,6 +11,10 @@ reply and its verdict parsed from the text; from then on it is not asked for log
 Connection errors, timeouts, 429 and 5xx answers are retried (`max_retries`, exponential back-off);
 what still fails raises `LabelerUnavailable`, and a reply that is not a chat completion raises
 `LabelerBadResponse`. Both name `<place>.base_url` so the user knows which setting to fix.
+
+Under a restrictive outbound policy (`qdpo_core.outbound`, set by a service's worker) the client
+connects only through a transport that checks every address it connects to; a refused address
+raises `OutboundRefused` naming `<place>.base_url`, and is not retried.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from qdpo_core import outbound
 from qdpo_core.config import LabelerSpec
 from qdpo_core.labelers.base import Choice, LabelerBadResponse, LabelerUnavailable, from_logprobs, parse_verdict
 
@@ -38,7 +43,7 @@ class _Retryable(Exception):
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (_Retryable, httpx.TransportError))
+    return isinstance(exc, (_Retryable, httpx.TransportError)) and outbound.blocked_cause(exc) is None
 
 
 class OpenAILabeler:
@@ -51,7 +56,9 @@ class OpenAILabeler:
         api_key = os.environ.get(spec.api_key_env)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=spec.timeout_seconds)
+        self.policy = outbound.current_policy()
+        transport = outbound.GuardedTransport(self.policy, limits=httpx.Limits(max_connections=spec.max_concurrency)) if self.policy.restricts else None
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=spec.timeout_seconds, transport=transport)
 
     def close(self) -> None:
         self.client.close()
@@ -115,6 +122,9 @@ class OpenAILabeler:
                 f"did not answer within labeler.timeout_seconds={self.spec.timeout_seconds:g} s ({self.spec.max_retries + 1} attempts)"
             ) from exc
         except httpx.TransportError as exc:
+            if (blocked := outbound.blocked_cause(exc)) is not None:
+                host = httpx.URL(self.base_url).host
+                raise outbound.OutboundRefused(outbound.refused_message(self._param, host, blocked.reason, self.policy), param=self._param) from exc
             raise self._unavailable(f"cannot be reached ({type(exc).__name__}: {exc}) after {self.spec.max_retries + 1} attempts") from exc
         if response.status_code in (401, 403):
             raise self._unavailable(
