@@ -8,12 +8,20 @@ Settings that make a lost worker lose no job:
 - a visibility timeout (Redis) longer than any job, so a slow job is not handed to a second worker.
 The database, not the broker, decides who runs a job (see service.crud.jobs.claim), so a message
 delivered twice is harmless.
+
+The embedded broker (kombu's filesystem transport) is polled, one message per poll: the worker
+polls every EMBEDDED_POLL_SECONDS (kombu's default of one second made ~400 stale messages of
+cancelled jobs hold a new job for minutes), and a job cancelled or deleted while queued has its
+message file removed (`JobQueue.discard`), so it delays nobody.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from celery import Celery
 from kombu.exceptions import ChannelError
@@ -23,6 +31,7 @@ from service.config import Settings
 log = logging.getLogger(__name__)
 
 TASK_NAME = "qdpo.run_job"
+EMBEDDED_POLL_SECONDS = 0.1
 
 
 def broker_transport_options(settings: Settings) -> dict:
@@ -36,6 +45,7 @@ def broker_transport_options(settings: Settings) -> dict:
             "data_folder_out": str(folder / "queue"),
             "control_folder": str(folder / "control"),
             "processed_folder": str(folder / "processed"),
+            "polling_interval": EMBEDDED_POLL_SECONDS,
         }
     return {"visibility_timeout": settings.visibility_timeout_seconds}
 
@@ -70,9 +80,40 @@ class JobQueue:
     def __init__(self, settings: Settings):
         self.app = make_celery(settings)
         self.queue_name = settings.queue_name
+        self.folder = settings.broker_folder / "queue" if settings.is_embedded_broker else None
 
     def enqueue(self, job_id: str) -> str:
         return self.app.send_task(TASK_NAME, args=[job_id], queue=self.queue_name).id
+
+    def discard(self, job_id: str, task_id: str | None = None) -> int:
+        """Remove the waiting messages of a job that will never run (cancelled or deleted while queued).
+
+        Only the embedded broker needs it: its worker polls for one message at a time, so stale
+        messages hold up the jobs behind them. Elsewhere a stale message is consumed at once and
+        dropped by the claim. Returns the number of messages removed.
+        """
+        if self.folder is None or not self.folder.is_dir():
+            return 0
+        removed = 0
+        for path in sorted(self.folder.glob(f"*.{self.queue_name}.msg")):
+            if _message_is_for(path, job_id, task_id):
+                try:
+                    path.unlink()
+                    removed += 1
+                except FileNotFoundError:  # taken by the worker meanwhile
+                    pass
+        return removed
+
+    def waiting_messages(self) -> list[tuple[str | None, list]]:
+        """(task id, args) of every message waiting in the embedded broker's folder, oldest first."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        messages = []
+        for path in sorted(self.folder.glob(f"*.{self.queue_name}.msg")):
+            decoded = _read_message(path)
+            if decoded is not None:
+                messages.append(decoded)
+        return messages
 
     def depth(self) -> int | None:
         """Messages waiting in the job queue, or None when the broker cannot tell."""
@@ -93,3 +134,24 @@ class JobQueue:
     def purge(self) -> int:
         with self.app.connection_for_write() as connection:
             return connection.default_channel.queue_purge(self.queue_name) or 0
+
+
+def _read_message(path: Path) -> tuple[str | None, list] | None:
+    """(task id, task args) of a kombu filesystem message file (Celery protocol 2), or None if unreadable."""
+    try:
+        payload = json.loads(path.read_bytes())
+        body = payload.get("body")
+        if payload.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0] if body else []
+        return payload.get("headers", {}).get("id"), list(args)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None  # gone, or still being written
+
+
+def _message_is_for(path: Path, job_id: str, task_id: str | None) -> bool:
+    decoded = _read_message(path)
+    if decoded is None:
+        return False
+    message_task_id, args = decoded
+    return (task_id is not None and message_task_id == task_id) or args == [job_id]

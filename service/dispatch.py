@@ -59,3 +59,18 @@ def enqueue(session: Session, *, queue: JobQueue, job: Job, reason: str | None =
         jobs_crud.add_status_event(session, job_pk=job.pk, message=reason)
         session.commit()
     return True
+
+
+def withdraw(queue: JobQueue, job: Job) -> None:
+    """Take back the broker messages of a job that will never run (cancelled while queued, or deleted).
+
+    Best effort: a message left behind is still harmless (its claim fails), it only costs the
+    embedded broker's worker a poll.
+    """
+    try:
+        removed = queue.discard(job.id, job.task_id)
+    except Exception as exc:
+        log.warning("could not withdraw the messages of %s: %s", job.id, exc)
+        return
+    if removed:
+        log.info("withdrew %d message(s) of %s from the broker", removed, job.id)

@@ -14,11 +14,11 @@ from api.jobspec import build_spec, job_public
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
 from service.crud import jobs as jobs_crud
-from service.dispatch import validate_and_queue
+from service.dispatch import validate_and_queue, withdraw
 from service.errors import not_found
 from service.inputs import resolve_inputs
 from service.security import new_id
-from service.tables import TERMINAL_STATUSES, VALIDATING, Job
+from service.tables import CANCELLED, TERMINAL_STATUSES, VALIDATING, Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -106,17 +106,19 @@ def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPubli
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409))
-def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep, queue: QueueDep) -> JobPublic:
     """Cancel a job: at once if it has not started, else at the worker's next step (status cancelling)."""
     job = get_tenant_job(session, tenant, job_id)
     if job.status in ("succeeded", "failed"):
         raise ApiError(409, "job_finished", f"job_id: {job_id} already {job.status}; there is nothing to cancel", "job_id")
-    jobs_crud.request_cancel(session, job=job)
+    was = job.status
+    if jobs_crud.request_cancel(session, job=job) == CANCELLED and was != CANCELLED:
+        withdraw(queue, job)  # it never started: its message must not hold up the jobs behind it
     return job_public(job)
 
 
 @router.delete("/{job_id}", response_model=Deleted, responses=error_responses(401, 404, 409))
-def delete_job(job_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep) -> Deleted:
+def delete_job(job_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep, queue: QueueDep) -> Deleted:
     """Delete a finished job with its events, checkpoints and artifacts."""
     job = get_tenant_job(session, tenant, job_id)
     if job.status not in TERMINAL_STATUSES:
@@ -124,4 +126,5 @@ def delete_job(job_id: str, tenant: CurrentTenant, session: SessionDep, store: S
     relative = store.job_relpath(job.tenant_id, job.id)
     jobs_crud.delete_job(session, job=job)
     store.delete(relative)
+    withdraw(queue, job)  # e.g. a retry message still waiting for a job that failed meanwhile
     return Deleted(id=job_id, object="job")
