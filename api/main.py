@@ -71,7 +71,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     if settings.metrics_enabled:
         _add_metrics(app)
+    _document_error_bodies(app)
     return app
+
+
+def _document_error_bodies(app: FastAPI) -> None:
+    """Every 422 in the OpenAPI document has the error envelope the API really sends.
+
+    FastAPI documents its own validation body ({"detail": [...]}) for any route with parameters;
+    api.core.errors answers {"error": {"code", "message", "param"}} instead.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            envelope = {"$ref": "#/components/schemas/ErrorBody"}
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if "HTTPValidationError" in str(responses.get("422", "")):
+                        responses["422"] = {"description": "Invalid input; `param` names the field.", "content": {"application/json": {"schema": envelope}}}
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_metrics(app: FastAPI) -> None:

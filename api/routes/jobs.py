@@ -30,7 +30,7 @@ def get_tenant_job(session, tenant, job_id: str) -> Job:
     return job
 
 
-@router.post("", status_code=201, response_model=JobPublic, responses=error_responses(401, 404, 422))
+@router.post("", status_code=201, response_model=JobPublic, responses=error_responses(401, 404, 413, 422))
 def create_job(
     body: JobCreate,
     tenant: CurrentTenant,

@@ -62,7 +62,7 @@ def error_responses(*codes: int) -> dict:
         401: "Missing or invalid API key.",
         404: "No such object for this tenant.",
         409: "The object's current state does not allow this.",
-        413: "The upload is larger than this deployment accepts.",
+        413: "The request body (or upload) is larger than this deployment accepts.",
         422: "Invalid input; `param` names the field.",
         503: "A dependency (database, broker) is unavailable.",
     }
