@@ -33,7 +33,9 @@ def save_checkpoint(root: Path, step: int, policy, optimizer, scheduler, state: 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp)
+    # The base's embeddings are frozen and never resized, so the adapter never carries them; saying so
+    # also keeps peft from looking the base's name (a registered name, not a hub id) up on the Hub at every save.
+    policy.save_pretrained(tmp, save_embedding_layers=False)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
