@@ -153,7 +153,7 @@ class JobPublic(BaseModel):
 
 
 class EventPublic(BaseModel):
-    id: str = Field(examples=["evt_1532"])
+    id: str = Field(description="evt_<n>: the job's n-th event (numbered per job, from 1).", examples=["evt_12"])
     object: Literal["job.event"] = "job.event"
     created_at: float
     type: str = Field(description="stage, progress, metrics, checkpoint, log or status.", examples=["stage"])
