@@ -117,6 +117,8 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
         message = "is not a known field; remove it (see the API reference at /docs)"
     elif first.get("type") == "json_invalid":
         message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+    elif param == "Idempotency-Key" and first.get("type") in ("string_pattern_mismatch", "string_too_long"):
+        message = "use 1 to 255 printable ASCII characters, such as a UUID"
     details = [{"param": _field_path(e.get("loc", ())), "message": e.get("msg")} for e in errors[:20]]
     return error_response(422, "invalid_request", f"{param}: {message}" if param else message, param, details=details)
 

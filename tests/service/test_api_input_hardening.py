@@ -261,7 +261,7 @@ def test_an_idempotency_key_that_is_not_printable_ascii_is_refused(http, api_dep
     before = stored_jobs(api_deployment)
     for key in (b"\xe9t\xe9", b"k" * 256):
         error = error_of(http.post("/v1/jobs", json={}, headers={"Idempotency-Key": key}), 422)
-        assert error["param"] == "Idempotency-Key" and error["message"].startswith("Idempotency-Key:"), error
+        assert error["param"] == "Idempotency-Key" and error["message"] == "Idempotency-Key: use 1 to 255 printable ASCII characters, such as a UUID", error
     # control characters never get past the HTTP server
     assert http.post("/v1/jobs", json={}, headers={"Idempotency-Key": b"a\x01b"}).status_code == 400
     assert stored_jobs(api_deployment) == before
