@@ -25,7 +25,17 @@ QUANTS = {
     "rtn4": {"method": "rtn", "bits": 4, "group_size": 64},
 }
 # Learning rates from earlier trials on this model: plain DPO ruins it above ~1e-4, KD tolerates 2e-4.
+# Every method starts from the default init (calibrated) unless its preset says otherwise; the
+# "init…" presets train nothing (epochs 0): they measure the training-free repair alone.
 METHODS = {
+    "init": {"method": "kd", "train": {"epochs": 0}},
+    "init-diag": {"method": "kd", "train": {"epochs": 0, "init_max_full_gram_dim": 0}},
+    "init-svd": {"method": "kd", "train": {"epochs": 0, "init": "svd"}},
+    "init-r64": {"method": "kd", "train": {"epochs": 0, "lora_rank": 64}},
+    "kd-identity": {"method": "kd", "train": {"learning_rate": 2e-4, "init": "identity"}},
+    "kd-cakld": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "cakld"}},
+    "kd-reverse": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "reverse"}},
+    "kd-onpolicy": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_on_policy_fraction": 0.5}},
     "qdpo": {"method": "qdpo", "train": {"learning_rate": 1e-4}},
     "kd": {"method": "kd", "train": {"learning_rate": 2e-4}},
     "qdpo+kd": {"method": "qdpo", "train": {"learning_rate": 2e-4, "kd_weight": 0.5}},

@@ -23,11 +23,22 @@ from typing import Any, ClassVar
 
 from qdpo_core.errors import SpecError
 
-METHODS = ("qdpo", "dpo", "kd", "rlaif", "factuality")
+METHODS = ("qdpo", "dpo", "kd", "rlaif", "factuality", "auto")
+# method auto: what each candidate trains (on QDPO pairs or the FP answers) with which extra settings.
+AUTO_CANDIDATES = {
+    "init": None,  # the initialised adapter, no training
+    "kd": ("kd", {}),
+    "qdpo": ("dpo", {}),
+    "qdpo+nll": ("dpo", {"nll_weight": 1.0}),
+    "qdpo+kd": ("dpo", {"kd_weight": 0.5}),
+}
 QUANT_METHODS = ("nf4", "fp4", "int8", "rtn", "none")
 RTN_BITS = (2, 3, 4, 8)
 LOSSES = ("sigmoid", "hinge", "ipo")
 SELECTION_METRICS = ("kl", "token_flip_rate")
+INITS = ("identity", "svd", "calibrated")  # qdpo_core.calibrate implements them
+KD_OBJECTIVES = ("forward", "reverse", "cakld")
+REJECTED_MODELS = ("init", "ptq")
 DTYPES = ("float32", "bfloat16", "float16")
 LABELER_KINDS = ("local", "openai")
 RESPONSE_MODELS = ("quantized", "fp")
@@ -270,8 +281,14 @@ class GenerationSpec(_Spec):
     temperature: float = _help("Sampling temperature (when sampling).", default=1.0)
     top_p: float = _help("Nucleus sampling mass (when sampling).", default=1.0)
     num_samples: int = _help("QDPO pairs: responses per prompt and model (>1 needs do_sample).", default=1)
+    rejected_model: str = _help(
+        "QDPO pairs: who answers as the rejected side: 'init' (the quantized model with the initialised adapter: the model being repaired) or 'ptq' (PTQ-only).",
+        choices=REJECTED_MODELS,
+        default="ptq",
+    )
 
     def __post_init__(self) -> None:
+        _check_choice(self.rejected_model, "generation.rejected_model", REJECTED_MODELS)
         _check(
             _is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= 4096, "generation.max_new_tokens", f"got {_shown(self.max_new_tokens)}; use 1..4096"
         )
@@ -415,7 +432,7 @@ class TrainSpec(_Spec):
     loss: str = _help("DPO loss: sigmoid (original), hinge or ipo.", choices=LOSSES, default="sigmoid")
     beta: float = _help("DPO temperature β (0.1 is the field's default).", default=0.1)
     learning_rate: float = _help("Peak AdamW learning rate of the LoRA weights.", default=1e-4)
-    epochs: int = _help("Passes over the training pairs.", default=2)
+    epochs: int = _help("Passes over the training pairs; 0 = no training: the export is the initialised adapter (training-free repair).", default=2)
     batch_size: int = _help("Pairs (or KD sequences) per optimizer micro-batch.", default=4)
     gradient_accumulation_steps: int = _help("Micro-batches summed into one optimizer step.", default=1)
     lora_rank: int = _help("LoRA rank r.", default=16)
@@ -431,6 +448,30 @@ class TrainSpec(_Spec):
     select_best: bool = _help("Evaluate held-out metrics at each checkpoint and export the best (never worse than PTQ-only).", default=True)
     selection_metric: str = _help("Held-out metric used to pick the best checkpoint: kl or token_flip_rate.", choices=SELECTION_METRICS, default="kl")
     early_stopping_patience: int = _help("Stop after this many checkpoint evaluations without improvement; 0 = never stop early.", default=2)
+    init: str = _help(
+        "How the LoRA adapter starts: calibrated (from the quantization error, weighted by the FP model's activations on the training prompts), "
+        "svd (from the quantization error alone) or identity (B = 0: the PTQ-only model).",
+        choices=INITS,
+        default="calibrated",
+    )
+    init_calibration_prompts: int = _help(
+        "calibrated init: training prompts (with the FP model's greedy answers) whose activations weight the error.", default=64
+    )
+    init_damping: float = _help("calibrated init: damping added to the activations' Gram matrix, as a share of its mean diagonal.", default=0.01)
+    init_max_full_gram_dim: int = _help(
+        "calibrated init: layers with more inputs than this use the diagonal of the Gram matrix (per-channel RMS) instead of all of it; 0 = always the diagonal.",
+        default=8192,
+    )
+    kd_objective: str = _help(
+        "Distillation divergence per answer token: forward KL(FP‖model), reverse KL(model‖FP), or cakld "
+        "(BitDistiller's confidence-aware mix: reverse weighted by the FP model's confidence in the token, forward by the rest).",
+        choices=KD_OBJECTIVES,
+        default="forward",
+    )
+    kd_on_policy_fraction: float = _help(
+        "Distillation: share of each epoch's sequences that are the model's own greedy answers, scored by the FP model (GKD-style on-policy); 0 = only FP answers.",
+        default=0.0,
+    )
 
     def __post_init__(self) -> None:
         p = "train"
@@ -441,7 +482,11 @@ class TrainSpec(_Spec):
             f"{p}.learning_rate",
             f"got {_shown(self.learning_rate)}; use (0, 0.01], typically 1e-5–2e-4 for LoRA",
         )
-        _check(_is_int(self.epochs) and 1 <= self.epochs <= 100, f"{p}.epochs", f"got {_shown(self.epochs)}; use an integer 1..100")
+        _check(
+            _is_int(self.epochs) and 0 <= self.epochs <= 100,
+            f"{p}.epochs",
+            f"got {_shown(self.epochs)}; use an integer 0..100 (0 = the initialised adapter only)",
+        )
         _check(_is_int(self.batch_size) and 1 <= self.batch_size <= 1024, f"{p}.batch_size", f"got {_shown(self.batch_size)}; use an integer 1..1024")
         _check_int(self.gradient_accumulation_steps, f"{p}.gradient_accumulation_steps", 1, 1024)
         _check(
@@ -469,6 +514,20 @@ class TrainSpec(_Spec):
         for name in ("nll_weight", "kd_weight"):
             value = getattr(self, name)
             _check(_is_number(value) and 0 <= value <= 100, f"{p}.{name}", f"got {_shown(value)}; use a number 0..100")
+        _check_choice(self.init, f"{p}.init", INITS)
+        _check_int(self.init_calibration_prompts, f"{p}.init_calibration_prompts", 1, 4096)
+        _check(
+            _is_number(self.init_damping) and 0 < self.init_damping <= 10,
+            f"{p}.init_damping",
+            f"got {_shown(self.init_damping)}; use a number in (0, 10] such as 0.01",
+        )
+        _check_int(self.init_max_full_gram_dim, f"{p}.init_max_full_gram_dim", 0, 65536)
+        _check_choice(self.kd_objective, f"{p}.kd_objective", KD_OBJECTIVES)
+        _check(
+            _is_number(self.kd_on_policy_fraction) and 0 <= self.kd_on_policy_fraction <= 1,
+            f"{p}.kd_on_policy_fraction",
+            f"got {_shown(self.kd_on_policy_fraction)}; use a number in [0, 1]",
+        )
         _check(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", f"got {_shown(self.warmup_ratio)}; use a number in [0, 1)")
         _check(_is_number(self.weight_decay) and 0 <= self.weight_decay <= 10, f"{p}.weight_decay", f"got {_shown(self.weight_decay)}; use a number 0..10")
         _check(
@@ -498,10 +557,31 @@ class EvalSpec(_Spec):
 
 
 @dataclass
+class AutoSpec(_Spec):
+    prefix: ClassVar[str] = "auto"
+    candidates: list[str] = _help(
+        f"Method auto: what to try, each from the same initialised adapter and with the same train settings; the best on held-out data is exported. "
+        f"Choose from {', '.join(AUTO_CANDIDATES)} (qdpo+nll adds the chosen answer's NLL with weight 1, qdpo+kd a KD term with weight 0.5).",
+        default_factory=lambda: ["init", "kd", "qdpo+nll"],
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.candidates, list) and 1 <= len(self.candidates) <= len(AUTO_CANDIDATES),
+            "auto.candidates",
+            f"give a list of 1 to {len(AUTO_CANDIDATES)} of {', '.join(AUTO_CANDIDATES)}",
+        )
+        for i, name in enumerate(self.candidates):
+            _check(isinstance(name, str) and name in AUTO_CANDIDATES, f"auto.candidates[{i}]", f"got {_shown(name)}; use one of {', '.join(AUTO_CANDIDATES)}")
+        _check(len(set(self.candidates)) == len(self.candidates), "auto.candidates", "name each candidate once")
+
+
+@dataclass
 class PipelineSpec(_Spec):
     prefix: ClassVar[str] = ""
     method: str = _help(
-        "qdpo (FP chosen / quantized rejected), dpo (your pairs), kd (distillation baseline), rlaif (AI labeler), factuality (FactTune).",
+        "qdpo (FP chosen / quantized rejected), dpo (your pairs), kd (distillation baseline), rlaif (AI labeler), factuality (FactTune), "
+        "auto (try auto.candidates from the initialised adapter and export the best).",
         choices=METHODS,
         default="qdpo",
     )
@@ -513,6 +593,7 @@ class PipelineSpec(_Spec):
     eval: EvalSpec = _help("Held-out evaluation.", default_factory=EvalSpec)
     rlaif: RLAIFSpec = _help("Method rlaif settings.", default_factory=RLAIFSpec)
     factuality: FactualitySpec = _help("Method factuality settings.", default_factory=FactualitySpec)
+    auto: AutoSpec = _help("Method auto settings.", default_factory=AutoSpec)
     seed: int = _help("Seeds data order, splits, sampling and LoRA init.", default=0)
 
     def __post_init__(self) -> None:

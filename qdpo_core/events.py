@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # The stages in run order; each writes its output under the workdir and resumes from it.
-STAGES = ("prepare", "quantize", "pairs", "baseline", "train", "evaluate", "export")
+STAGES = ("prepare", "quantize", "baseline", "init", "pairs", "train", "evaluate", "export")
 
 EVENT_TYPES = ("stage", "progress", "metrics", "checkpoint", "log")
 

@@ -102,6 +102,8 @@ def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, m
         "seed": spec.seed,
         "selected_checkpoint": report.get("selected_checkpoint"),
         "stopped_early": report.get("stopped_early"),
+        # how the adapter started: the init, whether it was kept, and how much calibration data it saw
+        "init": {k: v for k, v in (report.get("init") or {}).items() if k != "metrics"},
         "metrics": {k: report[k] for k in ("fp", "ptq", "aligned", "gap_closed")},
         "files": files,
         "inputs": inputs,

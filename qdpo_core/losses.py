@@ -37,15 +37,31 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of KL(p_teacher ‖ p_student).
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, objective: str = "forward") -> torch.Tensor:
+    """Mean over masked positions of a token-level divergence between teacher and student.
+
+    forward  KL(p_teacher ‖ p_student): mode-covering, the classic KD baseline
+    reverse  KL(p_student ‖ p_teacher): mode-seeking
+    cakld    γ·reverse + (1 − γ)·forward with γ the teacher's confidence (its top-1 probability) at
+             that position: BitDistiller's confidence-aware KL, per token instead of one dataset mean
 
     student_logits, teacher_logits: (B, T, V); mask: (B, T), 1 on the positions that count.
     """
     teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
     student_logp = torch.log_softmax(student_logits.float(), dim=-1)
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (B, T)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    if objective == "forward":
+        divergence = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (B, T)
+    elif objective in ("reverse", "cakld"):
+        reverse = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+        if objective == "reverse":
+            divergence = reverse
+        else:
+            forward = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+            confidence = teacher_logp.max(-1).values.exp()  # (B, T), no gradient flows through the teacher
+            divergence = confidence * reverse + (1 - confidence) * forward
+    else:
+        raise ValueError(f"unknown KD objective {objective!r}; use forward, reverse or cakld")
+    return (divergence * mask).sum() / mask.sum().clamp(min=1)
 
 
 def nll_loss(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""run_pipeline: prepare → quantize → pairs → baseline → train → evaluate → export, resumable per stage.
+"""run_pipeline: prepare → quantize → baseline → init → pairs → train → evaluate → export, resumable per stage.
 
     from qdpo_core.config import PipelineSpec
     from qdpo_core.pipeline import run_pipeline
@@ -10,11 +10,13 @@ Work directory layout (every file is written atomically; a stage whose marker ex
     spec.json                      the spec this directory belongs to (a different spec is refused)
     stages/<stage>.json            completion marker + stage summary (counts, timings)
     data/train.jsonl, data/eval.jsonl      normalised prompts / pairs after the split
-    pairs.jsonl                    training examples: messages, chosen, rejected (+ token ids)
     baseline/                      FP and PTQ-only greedy answers on held-out prompts
-    train/reference_logps.json     frozen-reference log-probs, computed once
+    init/fp_answers.jsonl          calibration prompts with the FP model's greedy answers
+    init/adapter/                  the initialised LoRA adapter (PEFT), step 0 of training
+    pairs.jsonl                    training examples: messages, chosen, rejected (+ token ids)
+    train/reference_logps.json     reference log-probs (the initialised model), computed once
     train/checkpoints/step-N/      adapter + optimizer + RNG + trainer_state.json (resume point)
-    train/best/                    best adapter by held-out metric (or the identity adapter)
+    train/best/                    best adapter by held-out metric (step 0: the initialised adapter)
     evaluate/                      the aligned model's answers
     export/                        adapter/ manifest.json report.json report.md
 """
@@ -108,13 +110,102 @@ class Run:
         )
         return {**info, "fp_memory_bytes": fp_bytes, "device": self.models.device}
 
+    def init(self, emitter: Emitter) -> dict:
+        """Step 0: the LoRA adapter initialised from the quantization error, kept only if it beats PTQ-only."""
+        from qdpo_core.calibrate import initialise_adapter
+        from qdpo_core.train import make_policy, reset_to_identity
+
+        spec = self.spec.train
+        policy = self.models.policy = make_policy(self.models.student, spec, self.spec.seed, self.spec.model.name)
+        batches = self._calibration_batches(emitter) if spec.init == "calibrated" else None
+        emitter.log(f"initialising the adapter: {spec.init}" + (f" on {sum(len(b.input_ids) for b in batches)} calibration sequences" if batches else ""))
+        result = initialise_adapter(
+            policy,
+            self.models.teacher,
+            spec.init,
+            batches,
+            damping=spec.init_damping,
+            max_full_gram_dim=spec.init_max_full_gram_dim,
+            on_layer=lambda number, total: emitter.progress(number, total, f"init: layer {number}/{total}"),
+        )
+        summary = result.to_dict()
+        summary["kept"] = True
+        if spec.init != "identity":
+            metrics = self.evaluator.teacher_forced(policy)
+            ptq = self.done("baseline")["ptq"]
+            key = spec.selection_metric
+            summary["metrics"] = metrics
+            if metrics[key] >= ptq[key]:
+                summary["kept"] = False
+                reset_to_identity(policy, self.spec.seed)
+                emitter.warn(
+                    f"the {spec.init} init was not better than PTQ-only on held-out {key} ({metrics[key]:.4f} vs {ptq[key]:.4f}); training starts from the identity adapter"
+                )
+            else:
+                emitter.log(
+                    f"{spec.init} init in {result.seconds:.0f} s: token-flip rate {ptq['token_flip_rate']:.1%} → {metrics['token_flip_rate']:.1%}, "
+                    f"KL {ptq['kl']:.4f} → {metrics['kl']:.4f} (held-out, no training)",
+                    metrics=metrics,
+                )
+        policy.save_pretrained(self.workdir / "init" / "adapter", save_embedding_layers=False)  # no hub lookup of the base name
+        return summary
+
+    def _calibration_batches(self, emitter: Emitter):
+        """Calibration sequences: a seeded choice of training prompts with the FP model's greedy answers."""
+        import random
+
+        from qdpo_core.datasets import write_jsonl
+        from qdpo_core.generate import Decoding, generate_all
+        from qdpo_core.tokens import collate, encode_prompt
+
+        path = self.workdir / "init" / "fp_answers.jsonl"
+        if not path.is_file():
+            records = load_jsonl(self.workdir / "data" / "train.jsonl")
+            limit = self.spec.train.init_calibration_prompts
+            if len(records) > limit:
+                records = [records[i] for i in sorted(random.Random(self.spec.seed).sample(range(len(records)), limit))]
+            prompts = [encode_prompt(self.models.tokenizer, r["messages"], self.spec.dataset.max_prompt_tokens).ids for r in records]
+
+            def tick(number: int, total: int) -> None:
+                emitter.progress(number, total, f"init: FP answers for calibration, batch {number}/{total}")
+                self.cancel_check()
+
+            decoding = Decoding(max_new_tokens=self.spec.generation.max_new_tokens)
+            answers = generate_all(self.models.teacher, self.models.tokenizer, prompts, decoding, self.spec.generation.batch_size, on_batch=tick)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path, [{"prompt_ids": p, "ids": a.ids, "text": a.text, "finished": a.finished} for p, a in zip(prompts, answers)])
+        rows = sorted(load_jsonl(path), key=lambda r: len(r["prompt_ids"]) + len(r["ids"]))  # similar lengths together: little padding
+        size = self.spec.eval.batch_size
+        pad = self.models.tokenizer.pad_token_id
+        return [collate([r["prompt_ids"] for r in rows[i : i + size]], [r["ids"] for r in rows[i : i + size]], pad) for i in range(0, len(rows), size)]
+
+    def initialised_policy(self):
+        """The quantized model with the step-0 adapter, whether or not the init stage ran in this process."""
+        if self.models.policy is None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            from qdpo_core.train import make_policy
+
+            policy = make_policy(self.models.student, self.spec.train, self.spec.seed, self.spec.model.name)
+            set_peft_model_state_dict(policy, load_file(self.workdir / "init" / "adapter" / "adapter_model.safetensors"))
+            self.models.policy = policy
+        return self.models.policy
+
     def pairs(self, emitter: Emitter) -> dict:
         from qdpo_core.pairs import source_for
         from qdpo_core.pairs.base import PairContext, run_source
 
+        if self.spec.train.epochs == 0:
+            emitter.log("train.epochs is 0: no training, so no pairs are built")
+            return {"source": self.spec.method, "skipped": "train.epochs is 0", "examples": 0}
+
+        if self.spec.method == "qdpo" and self.spec.generation.rejected_model == "init":
+            self.initialised_policy()  # the rejected answers come from the model being repaired
         records = load_jsonl(self.workdir / "data" / "train.jsonl")
         ctx = PairContext(self.spec, self.models.tokenizer, self.models, emitter, self.workdir, self.should_cancel)
-        summary = run_source(source_for(self.spec.method), records, ctx, self.workdir / "pairs.jsonl")
+        auto = self.spec.method == "auto"
+        summary = run_source(source_for(self.spec.method), records, ctx, self.workdir / "pairs.jsonl", self.workdir / "pairs_all.jsonl" if auto else None)
         for key, what in (
             ("prompts_truncated", f"prompts were longer than dataset.max_prompt_tokens={self.spec.dataset.max_prompt_tokens} and lost their beginning"),
             ("responses_truncated", f"supplied answers were longer than dataset.max_response_tokens={self.spec.dataset.max_response_tokens} and were cut"),
@@ -131,7 +222,9 @@ class Run:
                 note += f" ({summary['labels_unparsed']} replies named no answer and count as undecided)"
             summary["notes"] = summary.get("notes", []) + [note]
             emitter.warn(note)
-        if summary["examples"] == 0:
+        if summary["examples"] == 0 and auto and any(c in ("init", "kd") for c in self.spec.auto.candidates):
+            emitter.warn("every QDPO pair was identical, so the qdpo candidates are skipped; init and kd still run")
+        elif summary["examples"] == 0:
             reasons = ", ".join(f"{v} {k[len('dropped_') :].replace('_', ' ')}" for k, v in summary.items() if k.startswith("dropped_")) or "none built"
             raise SpecError(
                 f"dataset: every pair was dropped ({reasons}), so there is nothing to train on; "
@@ -148,11 +241,29 @@ class Run:
         return {"fp": fp, "ptq": ptq}
 
     def train(self, emitter: Emitter) -> dict:
-        from qdpo_core.train import Trainer, make_policy
+        from qdpo_core.train import Trainer
 
-        baseline = self.done("baseline")
+        baseline, init = self.done("baseline"), self.done("init")
+        if self.spec.train.epochs == 0:
+            from qdpo_core.checkpoint import copy_adapter
+
+            copy_adapter(self.workdir / "init" / "adapter", self.workdir / "train" / "best")
+            emitter.log("train.epochs is 0: the export is the initialised adapter")
+            return {
+                "best_step": 0,
+                "best_metrics": init.get("metrics") or baseline["ptq"],
+                "best_dir": "train/best",
+                "steps": 0,
+                "total_steps": 0,
+                "stopped_early": False,
+                "checkpoint_evals": [],
+                "history": [],
+            }
+        policy = self.initialised_policy()  # pairs only read it: it still holds the step-0 weights
+        start = init["metrics"] if init.get("kept") and init.get("metrics") else baseline["ptq"]
+        if self.spec.method == "auto":
+            return self._train_candidates(emitter, start)
         examples = load_jsonl(self.workdir / "pairs.jsonl")
-        policy = self.models.policy = make_policy(self.models.student, self.spec.train, self.spec.seed)
 
         trainer = Trainer(
             policy,
@@ -163,15 +274,102 @@ class Run:
             "kd" if self.spec.method == "kd" else "dpo",
             self.workdir / "train",
             self.evaluator.teacher_forced,
-            {k: baseline["ptq"][k] for k in ("token_flip_rate", "kl", "perplexity")},
+            {k: start[k] for k in ("token_flip_rate", "kl", "perplexity")},
             emitter,
             self.should_cancel,
             self.spec.seed,
+            max_new_tokens=self.spec.generation.max_new_tokens,
         )
         result = trainer.run()
         if result.best_step == 0:
-            emitter.warn("no checkpoint beat the PTQ-only model on held-out data; the export is the identity adapter")
+            what = "the initialised adapter" if init.get("kept") and init.get("init") != "identity" else "the identity adapter (the PTQ-only model)"
+            emitter.warn(f"no checkpoint beat the starting model on held-out {self.spec.train.selection_metric}; the export is step 0, {what}")
         return {**result.to_dict(), "best_dir": str(result.best_dir.relative_to(self.workdir))}
+
+    def _train_candidates(self, emitter: Emitter, start: dict) -> dict:
+        """Method auto: every candidate from the same initialised adapter; the best on held-out data wins."""
+        import dataclasses
+
+        from qdpo_core.checkpoint import copy_adapter
+        from qdpo_core.config import AUTO_CANDIDATES
+        from qdpo_core.train import Trainer
+
+        key = self.spec.train.selection_metric
+        results: list[dict] = []
+        state_path = self.workdir / "train" / "candidates.json"
+        done = {r["name"]: r for r in (json.loads(state_path.read_text()) if state_path.is_file() else [])}
+        pairs = load_jsonl(self.workdir / "pairs.jsonl")
+        for number, name in enumerate(self.spec.auto.candidates, start=1):
+            if name in done:
+                results.append(done[name])
+                continue
+            started = time.monotonic()
+            emitter.log(f"candidate {number}/{len(self.spec.auto.candidates)}: {name}")
+            directory = self.workdir / "train" / name
+            if AUTO_CANDIDATES[name] is None:
+                copy_adapter(self.workdir / "init" / "adapter", directory / "best")
+                result = {"name": name, "metrics": {k: start[k] for k in ("token_flip_rate", "kl", "perplexity")}, "best_step": 0, "steps": 0}
+            else:
+                objective, extra = AUTO_CANDIDATES[name]
+                examples = load_jsonl(self.workdir / "pairs_all.jsonl") if objective == "kd" else pairs
+                if not examples:
+                    emitter.warn(f"candidate {name}: no training examples (every QDPO pair was identical); skipped")
+                    continue
+                self._load_adapter(self.workdir / "init" / "adapter")  # every candidate starts from step 0
+                trainer = Trainer(
+                    self.initialised_policy(),
+                    self.models.teacher,
+                    self.models.tokenizer,
+                    examples,
+                    dataclasses.replace(self.spec.train, **extra),
+                    objective,
+                    directory,
+                    self.evaluator.teacher_forced,
+                    {k: start[k] for k in ("token_flip_rate", "kl", "perplexity")},
+                    emitter,
+                    self.should_cancel,
+                    self.spec.seed,
+                    max_new_tokens=self.spec.generation.max_new_tokens,
+                )
+                trained = trainer.run()
+                result = {
+                    "name": name,
+                    "metrics": {k: trained.best_metrics[k] for k in ("token_flip_rate", "kl", "perplexity") if k in trained.best_metrics},
+                    "best_step": trained.best_step,
+                    "steps": trained.steps,
+                    "checkpoint_evals": trained.checkpoint_evals,
+                    "history": trained.history,
+                }
+            result["best_dir"] = str((directory / "best").relative_to(self.workdir))
+            result["seconds"] = round(time.monotonic() - started, 1)
+            results.append(result)
+            done[name] = result
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state_path.write_text(json.dumps(list(done.values()), indent=1))
+            emitter.log(
+                f"candidate {name}: held-out token-flip rate {result['metrics']['token_flip_rate']:.1%}, KL {result['metrics']['kl']:.4f}", candidate=name
+            )
+        winner = min(results, key=lambda r: r["metrics"][key])  # ties: the earlier, cheaper candidate
+        copy_adapter(self.workdir / winner["best_dir"], self.workdir / "train" / "best")
+        emitter.log(f"method auto: {winner['name']} wins on held-out {key} ({winner['metrics'][key]:.4f})", winner=winner["name"])
+        return {
+            "best_step": winner["best_step"],
+            "best_metrics": winner["metrics"],
+            "best_dir": "train/best",
+            "steps": sum(r["steps"] for r in results),
+            "total_steps": sum(r["steps"] for r in results),
+            "stopped_early": False,
+            "checkpoint_evals": winner.get("checkpoint_evals", []),
+            "history": winner.get("history", []),
+            "winner": winner["name"],
+            "candidates": [{k: r[k] for k in ("name", "metrics", "best_step", "steps", "seconds")} for r in results],
+        }
+
+    def _load_adapter(self, directory: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.initialised_policy(), load_file(directory / "adapter_model.safetensors"))
 
     def evaluate(self, emitter: Emitter) -> dict:
         from qdpo_core.report import build_report
@@ -214,23 +412,39 @@ class Run:
             pairs={k: v for k, v in (self.done("pairs") or {}).items() if k != "seconds"},
             memory={k: (self.done("quantize") or {}).get(k) for k in ("fp_memory_bytes", "memory_bytes", "packed_bytes")},
             samples=samples,
+            init=self._init_summary(),
             **({"judge": judge} if judge is not None else {}),
+            **({"auto": {"winner": trained["winner"], "candidates": trained["candidates"]}} if "winner" in trained else {}),
         )
         path = self.workdir / "evaluate" / "report.json"
         path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
         emitter.log(report["verdict"])
         return {"report": str(path.relative_to(self.workdir))}
 
+    def _init_summary(self) -> dict:
+        init = self.done("init") or {}
+        keys = (
+            "init",
+            "kept",
+            "rank",
+            "metrics",
+            "seconds",
+            "calibration_sequences",
+            "calibration_tokens",
+            "full_gram_layers",
+            "diagonal_layers",
+            "relative_error",
+        )
+        return {k: init[k] for k in keys if k in init}
+
     def _aligned_policy(self, best_dir: Path):
         """The quantized model with the selected adapter, whether or not training ran in this process."""
-        from peft import PeftModel, set_peft_model_state_dict
+        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        if self.models.policy is not None:
-            set_peft_model_state_dict(self.models.policy, load_file(best_dir / "adapter_model.safetensors"))
-            return self.models.policy
-        self.models.policy = PeftModel.from_pretrained(self.models.student, best_dir)
-        return self.models.policy
+        policy = self.initialised_policy()
+        set_peft_model_state_dict(policy, load_file(best_dir / "adapter_model.safetensors"))
+        return policy
 
     def export(self, emitter: Emitter) -> dict:
         from qdpo_core.export import export

@@ -22,7 +22,7 @@ import torch
 
 from qdpo_core import checkpoint as ckpt
 from qdpo_core.config import TrainSpec
-from qdpo_core.errors import Cancelled
+from qdpo_core.errors import Cancelled, SpecError
 from qdpo_core.events import Emitter
 from qdpo_core.losses import dpo_loss, kd_loss, nll_loss
 from qdpo_core.tokens import collate, shifted, token_logps
@@ -68,12 +68,18 @@ class TrainState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def make_policy(student, spec: TrainSpec, seed: int):
-    """Wrap the frozen quantized model with fresh LoRA adapters (seeded init)."""
+def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None = None):
+    """Wrap the frozen quantized model with fresh LoRA adapters (seeded; B = 0, the identity).
+
+    `base_model_name` is what the saved adapter_config.json names as its base (the model's registered
+    name), never the directory it was loaded from. Unknown `target_modules` fail here with the names
+    the model has, before any work is done.
+    """
     import warnings
 
     from peft import LoraConfig, get_peft_model
 
+    check_target_modules(student, spec.target_modules)
     torch.manual_seed(seed)
     config = LoraConfig(
         r=spec.lora_rank,
@@ -84,7 +90,46 @@ def make_policy(student, spec: TrainSpec, seed: int):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated transformers property
-        return get_peft_model(student, config)
+        policy = get_peft_model(student, config)
+    if base_model_name is not None:
+        policy.peft_config["default"].base_model_name_or_path = base_model_name
+    return policy
+
+
+def linear_module_names(model) -> list[str]:
+    """The last name part of every linear layer LoRA can wrap (q_proj, up_proj, …), output head excluded."""
+    from qdpo_core.quantize import SKIP_MODULES
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith(SKIP_MODULES):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model, target_modules) -> None:
+    """Every named target must match a linear layer of the model (PEFT matches by name suffix)."""
+    if target_modules == "all-linear":
+        return
+    available = linear_module_names(model)
+    module_names = [name for name, _ in model.named_modules()]
+    for i, target in enumerate(target_modules):
+        if not any(name == target or name.endswith("." + target) for name in module_names):
+            raise SpecError(
+                f"train.target_modules[{i}]: the model has no layer named {target!r}; use 'all-linear' or names from: {', '.join(available)}",
+                param="train.target_modules",
+            )
+
+
+def reset_to_identity(policy, seed: int) -> None:
+    """Put every LoRA layer back to PEFT's own start (seeded A, B = 0): the adapter adds nothing."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    for module in policy.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                module.reset_lora_parameters(adapter, True)
 
 
 class Trainer:
@@ -102,6 +147,7 @@ class Trainer:
         emitter: Emitter,
         should_cancel: Callable[[], bool] = lambda: False,
         seed: int = 0,
+        max_new_tokens: int = 64,  # on-policy distillation: cap on the model's own answers
     ):
         self.policy, self.teacher, self.tokenizer = policy, teacher, tokenizer
         self.examples, self.spec, self.objective = examples, spec, objective
@@ -116,6 +162,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(micro_batches / spec.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * spec.epochs
         self.uses_teacher = objective == "kd" or spec.kd_weight > 0
+        self.max_new_tokens = max_new_tokens
+        self.on_policy: dict[int, list[int]] = {}  # example index -> the model's own answer, this epoch
 
     # ---- data -------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[list[int]]:
@@ -126,14 +174,19 @@ class Trainer:
         return [order[i : i + size] for i in range(0, len(order), size)]
 
     def reference_logps(self) -> dict[str, list[float]]:
-        """Log-probs of chosen and rejected answers under the frozen quantized model, computed once."""
+        """Log-probs of chosen and rejected answers under the starting model, computed once.
+
+        The reference is the model being improved as training starts: the quantized base with the
+        initialised adapter (for init 'identity', the PTQ-only model). It is called before any
+        checkpoint is loaded, so the policy holds exactly the starting weights.
+        """
         path = self.workdir / "reference_logps.json"
         if path.is_file():
             return json.loads(path.read_text())
         result = {"chosen": [0.0] * len(self.examples), "rejected": [0.0] * len(self.examples)}
         batches = [list(range(i, min(i + self.spec.batch_size, len(self.examples)))) for i in range(0, len(self.examples), self.spec.batch_size)]
         self.policy.eval()
-        with torch.no_grad(), self.policy.disable_adapter():
+        with torch.no_grad():
             for number, indices in enumerate(batches, start=1):
                 for side in ("chosen", "rejected"):
                     batch = collate([self.examples[i]["prompt_ids"] for i in indices], [self.examples[i][f"{side}_ids"] for i in indices], self.pad_id).to(
@@ -150,12 +203,39 @@ class Trainer:
         tmp.replace(path)
         return result
 
+    def on_policy_answers(self, epoch: int) -> dict[int, list[int]]:
+        """GKD-style on-policy data: for a seeded share of the examples, the model's own greedy answer
+        at the start of `epoch` (scored by the teacher in the KD loss). Written once per epoch, so a
+        resumed run trains on the same sequences."""
+        fraction = self.spec.kd_on_policy_fraction
+        if self.objective != "kd" or fraction <= 0:
+            return {}
+        path = self.workdir / "on_policy" / f"epoch-{epoch:03d}.json"
+        if path.is_file():
+            return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        from qdpo_core.generate import Decoding, generate_all
+
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+        count = max(1, round(fraction * len(self.examples)))
+        chosen = sorted(torch.randperm(len(self.examples), generator=generator)[:count].tolist())
+        prompts = [self.examples[i]["prompt_ids"] for i in chosen]
+        answers = generate_all(self.policy, self.tokenizer, prompts, Decoding(max_new_tokens=self.max_new_tokens), self.spec.batch_size * 2)
+        self.policy.train()
+        result = {i: a.ids for i, a in zip(chosen, answers) if a.ids}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+        self.emitter.log(f"epoch {epoch + 1}: {len(result)} of {len(self.examples)} distillation sequences are the model's own answers (on-policy)")
+        return result
+
     # ---- one micro-batch --------------------------------------------------------------
     def batch_loss(self, indices: list[int], reference: dict | None) -> tuple[torch.Tensor, dict]:
         ex = [self.examples[i] for i in indices]
         prompts = [e["prompt_ids"] for e in ex]
         if self.objective == "kd":
-            batch = collate(prompts, [e["chosen_ids"] for e in ex], self.pad_id).to(self.device)
+            answers = [self.on_policy.get(i, e["chosen_ids"]) for i, e in zip(indices, ex)]
+            batch = collate(prompts, answers, self.pad_id).to(self.device)
             logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss = self._kd_term(logits, batch)
             return loss, {"loss": loss.item(), "kd_loss": loss.item()}
@@ -196,7 +276,7 @@ class Trainer:
             teacher_logits = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         student, _, mask = shifted(student_logits, batch)
         teacher = teacher_logits[:, :-1, :]
-        return kd_loss(student, teacher, mask)
+        return kd_loss(student, teacher, mask, self.spec.kd_objective)
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -213,13 +293,14 @@ class Trainer:
             state = TrainState.from_dict(ckpt.load_checkpoint(latest, self.policy, optimizer, scheduler))
             self.emitter.log(f"resuming training from checkpoint at step {state.global_step}", step=state.global_step)
         elif not (self.best_dir / "adapter_model.safetensors").is_file():
-            # Step 0 = the PTQ-only model (LoRA B starts at zero): the floor the export never goes below.
-            self.policy.save_pretrained(self.best_dir)
+            # Step 0 = the starting adapter (initialised, or the identity): the floor the export never goes below.
+            self.policy.save_pretrained(self.best_dir, save_embedding_layers=False)
         self.policy.train()
         step_times: list[float] = []
         while not state.finished:
             epoch, position = state.epoch, state.position
             micro_batches = self.epoch_order(epoch)
+            self.on_policy = self.on_policy_answers(epoch)
             accumulation = spec.gradient_accumulation_steps
             while position < len(micro_batches):
                 started = time.monotonic()

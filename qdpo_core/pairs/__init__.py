@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def source_for(method: str):
     """The pair source a method trains on."""
-    if method == "qdpo":
+    if method in ("qdpo", "auto"):  # auto: QDPO pairs, whose chosen answers also serve distillation
         from qdpo_core.pairs.qdpo import QdpoPairs
 
         return QdpoPairs()

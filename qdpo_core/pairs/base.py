@@ -34,6 +34,7 @@ class PairContext:
     workdir: Path
     should_cancel: Callable[[], bool] = lambda: False
     stats: Counter = field(default_factory=Counter)
+    fp_cache: dict | None = None  # prompt ids -> the FP model's greedy answer, filled on first use
 
     def encode_prompts(self, records: list[dict]) -> list[list[int]]:
         limit = self.spec.dataset.max_prompt_tokens
@@ -43,8 +44,31 @@ class PairContext:
 
     def answer(self, model, prompt_ids: list[list[int]], decoding: Decoding, seed: int) -> list[Response]:
         responses = generate(model, self.tokenizer, prompt_ids, decoding, seed=seed)
+        self._count(responses)
+        return responses
+
+    def _count(self, responses: list[Response]) -> None:
         self.stats["responses_cut"] += sum(not r.finished for r in responses)
         self.stats["responses_generated"] += len(responses)
+
+    def fp_answer(self, prompt_ids: list[list[int]], decoding: Decoding, seed: int) -> list[Response]:
+        """The FP model's answers; greedy ones already generated for calibration (init/fp_answers.jsonl) are reused."""
+        if self.fp_cache is None:
+            self.fp_cache = {}
+            path = self.workdir / "init" / "fp_answers.jsonl"
+            if not decoding.do_sample and decoding.max_new_tokens == self.spec.generation.max_new_tokens and path.is_file():
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    row = json.loads(line)
+                    self.fp_cache[tuple(row["prompt_ids"])] = Response(row["ids"], row["text"], row["finished"])
+        if decoding.do_sample or not self.fp_cache:
+            return self.answer(self.models.teacher, prompt_ids, decoding, seed)
+        missing = [p for p in prompt_ids if tuple(p) not in self.fp_cache]
+        if missing:
+            for p, response in zip(missing, generate(self.models.teacher, self.tokenizer, missing, decoding, seed=seed)):
+                self.fp_cache[tuple(p)] = response
+        responses = [self.fp_cache[tuple(p)] for p in prompt_ids]
+        self._count(responses)
+        self.stats["fp_answers_reused"] += len(prompt_ids) - len(missing)
         return responses
 
 
@@ -58,8 +82,12 @@ class PairSource(Protocol):
         ...
 
 
-def run_source(source: PairSource, records: list[dict], ctx: PairContext, out_path: Path) -> dict:
-    """Run `source` over all records, resuming from `<out>.partial.jsonl`; write kept examples to out_path."""
+def run_source(source: PairSource, records: list[dict], ctx: PairContext, out_path: Path, all_path: Path | None = None) -> dict:
+    """Run `source` over all records, resuming from `<out>.partial.jsonl`; write kept examples to out_path.
+
+    With `all_path`, every example is also written there, dropped ones included (method auto
+    distils on the FP answers of every prompt, including those whose QDPO pair was identical).
+    """
     partial = out_path.with_suffix(".partial.jsonl")
     done_examples, done_count, done_stats = _read_partial(partial)
     ctx.stats.update(done_stats)  # counts (truncations, cut answers) of the chunks already done
@@ -87,6 +115,12 @@ def run_source(source: PairSource, records: list[dict], ctx: PairContext, out_pa
         for example in kept:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
     tmp.replace(out_path)
+    if all_path is not None:
+        tmp = all_path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as handle:
+            for example in done_examples:
+                handle.write(json.dumps({k: v for k, v in example.items() if k != "dropped"}, ensure_ascii=False) + "\n")
+        tmp.replace(all_path)
     summary = {"source": source.name, "prompts": len(records), "examples": len(kept), **{f"dropped_{k}": v for k, v in dropped.items()}}
     summary.update({k: v for k, v in ctx.stats.items() if v})
     return summary

@@ -18,7 +18,7 @@ class DistillationTargets:
 
     def build_chunk(self, records: list[dict], first_index: int, ctx: PairContext) -> list[dict]:
         prompt_ids = ctx.encode_prompts(records)
-        answers = ctx.answer(ctx.models.teacher, prompt_ids, decoding_of(ctx), ctx.spec.seed + first_index)
+        answers = ctx.fp_answer(prompt_ids, decoding_of(ctx), ctx.spec.seed + first_index)
         return [
             {
                 "index": first_index + offset,

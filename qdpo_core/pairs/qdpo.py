@@ -1,7 +1,9 @@
 """QDPO pairs: the full-precision model's answer is chosen, the quantized model's answer rejected.
 
 No human labels: the pair marks exactly where quantization made the model drift. A pair whose two
-answers are identical carries no signal and is dropped (and counted).
+answers are identical carries no signal and is dropped (and counted). The rejected side is the
+PTQ-only model, or with `generation.rejected_model: init` the model being repaired (the quantized
+base with the initialised adapter), which flips at other places than PTQ-only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ from qdpo_core.pairs.base import PairContext
 def decoding_of(ctx: PairContext) -> Decoding:
     g = ctx.spec.generation
     return Decoding(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p)
+
+
+def rejecting_model(ctx: PairContext):
+    """The model whose answers are rejected: PTQ-only, or the quantized model with the initialised adapter."""
+    if ctx.spec.generation.rejected_model == "init" and ctx.models.policy is not None:
+        return ctx.models.policy
+    return ctx.models.student
 
 
 class QdpoPairs:
@@ -27,8 +36,8 @@ class QdpoPairs:
         examples = []
         for sample in range(ctx.spec.generation.num_samples):
             seed = ctx.spec.seed + 7919 * sample + first_index  # distinct, reproducible per chunk and sample
-            fp_answers = ctx.answer(ctx.models.teacher, prompt_ids, decoding, seed)
-            q_answers = ctx.answer(ctx.models.student, prompt_ids, decoding, seed)
+            fp_answers = ctx.fp_answer(prompt_ids, decoding, seed)
+            q_answers = ctx.answer(rejecting_model(ctx), prompt_ids, decoding, seed)
             for offset, (record, ids, fp, q) in enumerate(zip(records, prompt_ids, fp_answers, q_answers)):
                 example = {
                     "index": first_index + offset,

@@ -57,3 +57,18 @@ def test_kd_loss_is_masked_mean_of_kl():
 
 def test_nll_is_per_token():
     assert nll_loss(torch.tensor([-6.0, -4.0]), torch.tensor([3.0, 2.0])).item() == pytest.approx(2.0)
+
+
+def test_reverse_and_confidence_aware_kd_match_hand_values():
+    p_teacher, p_student = [0.9, 0.1], [0.6, 0.4]
+    teacher = torch.log(torch.tensor([[p_teacher]]))  # (1, 1, 2)
+    student = torch.log(torch.tensor([[p_student]]))
+    mask = torch.tensor([[1.0]])
+    forward = sum(t * math.log(t / s) for t, s in zip(p_teacher, p_student))
+    reverse = sum(s * math.log(s / t) for t, s in zip(p_teacher, p_student))
+    assert kd_loss(student, teacher, mask, "forward").item() == pytest.approx(forward, rel=1e-5)
+    assert kd_loss(student, teacher, mask, "reverse").item() == pytest.approx(reverse, rel=1e-5)
+    # the teacher is 90% sure of its top token: reverse KL gets weight 0.9, forward KL 0.1
+    assert kd_loss(student, teacher, mask, "cakld").item() == pytest.approx(0.9 * reverse + 0.1 * forward, rel=1e-5)
+    with pytest.raises(ValueError, match="forward, reverse or cakld"):
+        kd_loss(student, teacher, mask, "jsd")

@@ -74,9 +74,10 @@ def test_exported_adapter_loads_onto_the_quantized_base(qdpo_run):
         aligned = model(input_ids=ids).logits
         with model.disable_adapter():
             base = model(input_ids=ids).logits
-    if result.report["selected_checkpoint"] == 0:
+    init = result.report["init"]
+    if result.report["selected_checkpoint"] == 0 and not (init["kept"] and init["init"] != "identity"):
         assert torch.allclose(aligned, base)
-    else:
+    else:  # a trained checkpoint, or the calibrated init itself: the adapter changes the model
         assert not torch.allclose(aligned, base)
 
 
@@ -93,16 +94,16 @@ def test_rerun_on_finished_workdir_does_no_work_and_other_spec_is_refused(qdpo_r
 def test_cancel_then_resume_keeps_finished_stages(tiny_model_dir, tmp_path):
     events = []
 
-    def cancel_at_baseline():
-        return any(e.type == "stage" and e.stage == "pairs" and e.message == "finished" for e in events)
+    def cancel_after_init():
+        return any(e.type == "stage" and e.stage == "init" and e.message == "finished" for e in events)
 
     spec = _spec(tiny_model_dir, method="kd", quantization={"method": "rtn", "bits": 2, "group_size": 32})
     with pytest.raises(Cancelled):
-        run_pipeline(spec, tmp_path, on_event=events.append, should_cancel=cancel_at_baseline)
-    assert (tmp_path / "stages" / "pairs.json").is_file() and not (tmp_path / "stages" / "baseline.json").exists()
+        run_pipeline(spec, tmp_path, on_event=events.append, should_cancel=cancel_after_init)
+    assert (tmp_path / "stages" / "init.json").is_file() and not (tmp_path / "stages" / "pairs.json").exists()
     resumed = []
     result = run_pipeline(spec, tmp_path, on_event=resumed.append)
-    assert _stages_started(resumed) == ["baseline", "train", "evaluate", "export"]
+    assert _stages_started(resumed) == ["pairs", "train", "evaluate", "export"]  # the init adapter is reloaded from init/adapter
     assert result.manifest["method"] == "kd"
     assert any(e.type == "metrics" and "kd_loss" in e.data for e in resumed)
 
@@ -171,3 +172,25 @@ def test_resume_follows_input_contents_not_paths(tiny_model_dir, tmp_path):
     moved.write_text('{"prompt": "one"}\n{"prompt": "changed"}\n')
     with pytest.raises(SpecError, match="different input files"):
         run_pipeline(_spec(tiny_model_dir, dataset={"prompts": str(moved)}), tmp_path / "run", should_cancel=stop)
+
+
+def test_method_auto_tries_every_candidate_from_the_init_and_exports_the_best(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    spec = _spec(tiny_model_dir, method="auto", quantization={"method": "rtn", "bits": 2, "group_size": 32}, train={"epochs": 1, "learning_rate": 3e-3})
+    events = []
+    result = run_pipeline(spec, tmp_path, on_event=events.append)
+    auto = result.report["auto"]
+    names = [c["name"] for c in auto["candidates"]]
+    assert names == ["init", "kd", "qdpo+nll"]
+    assert auto["winner"] == min(auto["candidates"], key=lambda c: c["metrics"]["kl"])["name"]
+    init = next(c for c in auto["candidates"] if c["name"] == "init")
+    assert init["steps"] == 0 and init["metrics"]["kl"] == pytest.approx(result.report["init"]["metrics"]["kl"])
+    assert all(c["steps"] > 0 for c in auto["candidates"] if c["name"] != "init")
+    exported = load_file(result.export_dir / "adapter" / "adapter_model.safetensors")
+    winner = load_file(tmp_path / "train" / auto["winner"] / "best" / "adapter_model.safetensors")
+    assert exported.keys() == winner.keys() and all(torch.equal(exported[k], winner[k]) for k in exported)
+    assert result.report["aligned"]["kl"] == pytest.approx(min(c["metrics"]["kl"] for c in auto["candidates"]), rel=1e-4)
+    markdown = (result.export_dir / "report.md").read_text()
+    assert f"Method auto: {auto['winner']} won" in markdown and "qdpo+nll" in markdown
+    assert any("wins on held-out kl" in e.message for e in events)

@@ -136,3 +136,26 @@ def test_kd_objective_pulls_the_student_towards_the_teacher(tiny_model_dir, toke
     _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, objective="kd", events=events).run()
     kd = [e.data["kd_loss"] for e in events if e.type == "metrics"]
     assert kd[-1] < kd[0] * 0.8
+
+
+def test_on_policy_distillation_trains_on_the_models_own_answers(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=2, batch_size=4, learning_rate=3e-3, warmup_ratio=0, select_best=False, kd_on_policy_fraction=0.5)
+    events = []
+    trainer = _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, objective="kd", events=events)
+    trainer.max_new_tokens = 5
+    trainer.run()
+    for epoch in (0, 1):
+        answers = json.loads((tmp_path / "on_policy" / f"epoch-{epoch:03d}.json").read_text())
+        assert len(answers) == 4  # half of the 8 examples, the model's own greedy answers of at most 5 tokens
+        assert all(1 <= len(ids) <= 5 for ids in answers.values())
+        assert all(ids != examples[int(i)]["chosen_ids"] for i, ids in answers.items())
+    assert sum("on-policy" in e.message for e in events if e.type == "log") == 2
+    # the batches really used them: with the model's own answers the KD loss differs from the FP-answer loss
+    own = {int(i): ids for i, ids in json.loads((tmp_path / "on_policy" / "epoch-001.json").read_text()).items()}
+    indices = sorted(own)
+    trainer.on_policy = {}
+    with torch.no_grad():
+        fp_only, _ = trainer.batch_loss(indices, None)
+        trainer.on_policy = own
+        mixed, _ = trainer.batch_loss(indices, None)
+    assert not torch.isclose(fp_only, mixed)

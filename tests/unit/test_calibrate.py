@@ -1,0 +1,151 @@
+"""The calibrated init: the least-squares maths, exact de-quantization, PEFT round trip, the fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qdpo_core.calibrate import dequantized_weight, initialise_adapter, low_rank_factors, whitening
+from qdpo_core.config import PipelineSpec, QuantSpec, TrainSpec
+from qdpo_core.models import load_full_precision
+from qdpo_core.pipeline import run_pipeline
+from qdpo_core.quantize import load_quantized
+from qdpo_core.tokens import collate, encode_prompt
+from qdpo_core.train import make_policy
+
+
+def _correlated_inputs(n: int, width: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=generator) * torch.logspace(0, -2, width)  # few strong, many weak directions
+    return torch.randn(n, width, generator=generator) @ mixing.T + 0.01 * torch.randn(n, width, generator=generator)
+
+
+def _output_error(x: torch.Tensor, residual: torch.Tensor, correction: torch.Tensor) -> float:
+    return float((x @ (residual - correction).T).norm() / (x @ residual.T).norm())
+
+
+def test_calibrated_beats_plain_svd_beats_nothing_and_is_exact_at_full_rank():
+    x = _correlated_inputs(400, 32)
+    residual = torch.randn(48, 32, generator=torch.Generator().manual_seed(1))
+    gram = x.T @ x
+    for rank in (4, 8):
+        b, a = low_rank_factors(residual, rank)
+        plain = _output_error(x, residual, b @ a)
+        b, a = low_rank_factors(residual, rank, whiten=whitening(gram, len(x), damping=1e-6))
+        calibrated = _output_error(x, residual, b @ a)
+        b, a = low_rank_factors(residual, rank, channel_scale=(torch.diagonal(gram) / len(x)).sqrt())
+        diagonal = _output_error(x, residual, b @ a)
+        assert calibrated < diagonal < plain < 1.0, (rank, calibrated, diagonal, plain)
+    b, a = low_rank_factors(residual, 32, whiten=whitening(gram, len(x), damping=1e-8))
+    assert _output_error(x, residual, b @ a) < 1e-5  # full rank: the error is gone
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+def test_dequantized_weight_is_what_the_bitsandbytes_layer_computes(tiny_model_dir, method):
+    model, _ = load_quantized(tiny_model_dir, QuantSpec(method=method), "cpu")
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer(torch.randn(2, layer.in_features))  # int8 moves its scales into the layer state on first use
+        eye = torch.eye(layer.in_features)  # one-hot rows: the layer's output is the weight's columns
+        computed = layer(eye).T.float()  # (out, in)
+    weight = dequantized_weight(layer)
+    # int8 computes in float16 (its activations are quantized too; one-hot rows quantize exactly)
+    tolerance = 2e-3 * weight.abs().max() if method == "int8" else 1e-6
+    assert weight.shape == computed.shape
+    assert (weight - computed).abs().max() <= tolerance
+
+
+def _calibration(tiny_model_dir, tokenizer, count: int = 6):
+    teacher = load_full_precision(tiny_model_dir, "cpu")
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": f"Tell me about topic {i}."}], 64).ids for i in range(count)]
+    answers = [list(range(100 + i, 110 + i)) + [tokenizer.eos_token_id] for i in range(count)]
+    return teacher, [collate(prompts[:3], answers[:3], tokenizer.pad_token_id), collate(prompts[3:], answers[3:], tokenizer.pad_token_id)]
+
+
+def test_initialised_adapter_round_trips_through_peft_and_repairs_the_layer_outputs(tiny_model_dir, tokenizer, tmp_path):
+    from peft import PeftModel
+
+    teacher, batches = _calibration(tiny_model_dir, tokenizer)
+    spec = TrainSpec(lora_rank=8)
+    student, _ = load_quantized(tiny_model_dir, QuantSpec(method="rtn", bits=2, group_size=32), "cpu")
+    policy = make_policy(student, spec, seed=0, base_model_name="tiny")
+    result = initialise_adapter(policy, teacher, "calibrated", batches)
+    assert result.layers == 14 and result.full_gram_layers == 14 and result.diagonal_layers == 0
+    assert result.calibration_sequences == 6 and result.calibration_tokens > 60
+    assert 0 < result.relative_error < 1  # the adapter removed part of the output error on the calibration data
+    ids = batches[0].input_ids
+    with torch.no_grad():
+        trained_logits = policy(input_ids=ids, attention_mask=batches[0].attention_mask).logits
+    policy.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    fresh, _ = load_quantized(tiny_model_dir, QuantSpec(method="rtn", bits=2, group_size=32), "cpu")
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        loaded_logits = loaded(input_ids=ids, attention_mask=batches[0].attention_mask).logits
+        with loaded.disable_adapter():
+            base_logits = loaded(input_ids=ids, attention_mask=batches[0].attention_mask).logits
+        fp_logits = teacher(input_ids=ids, attention_mask=batches[0].attention_mask).logits
+    assert torch.allclose(loaded_logits, trained_logits, atol=1e-5)
+    # on the data it was calibrated on, the initialised model is closer to full precision than PTQ-only
+    assert (loaded_logits - fp_logits).norm() < (base_logits - fp_logits).norm()
+
+
+def test_every_target_layer_respects_the_lora_scaling(tiny_model_dir, tokenizer):
+    """s·B·A is the computed correction whatever alpha is: the init divides by the scaling."""
+    teacher, batches = _calibration(tiny_model_dir, tokenizer)
+    corrections = []
+    for alpha in (4, 64):
+        student, _ = load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")
+        policy = make_policy(student, TrainSpec(lora_rank=4, lora_alpha=alpha), seed=0)
+        initialise_adapter(policy, teacher, "svd")
+        layer = policy.base_model.model.model.layers[1].self_attn.o_proj
+        corrections.append(layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+    assert torch.allclose(corrections[0], corrections[1], atol=1e-6)
+    assert corrections[0].abs().max() > 0
+
+
+def _spec(model_dir, quantization=None, **train):
+    return PipelineSpec.from_dict(
+        {
+            "method": "kd",
+            "model": {"name": str(model_dir)},
+            "quantization": quantization or {"method": "rtn", "bits": 2, "group_size": 32},
+            "dataset": {"max_train_prompts": 6, "max_eval_prompts": 3},
+            "generation": {"max_new_tokens": 6},
+            "eval": {"max_new_tokens": 6},
+            "train": {"epochs": 0, **train},
+        }
+    )
+
+
+def test_a_calibrated_init_that_loses_to_ptq_falls_back_to_identity(tiny_model_dir, tmp_path, monkeypatch):
+    # Constructed: the correction is computed as usual, then applied with the wrong sign, so the
+    # initialised model doubles the quantization error instead of removing it.
+    from qdpo_core import calibrate
+
+    real = calibrate.low_rank_factors
+    monkeypatch.setattr(calibrate, "low_rank_factors", lambda *args, **kwargs: (lambda b, a: (-b, a))(*real(*args, **kwargs)))
+    events = []
+    result = run_pipeline(_spec(tiny_model_dir), tmp_path, on_event=events.append)
+    init = result.report["init"]
+    assert init["init"] == "calibrated" and init["kept"] is False
+    assert init["metrics"]["kl"] > result.report["ptq"]["kl"]
+    assert any(e.level == "warning" and "training starts from the identity adapter" in e.message for e in events)
+    assert "did not beat PTQ-only" in result.report["verdict"]
+    from safetensors.torch import load_file
+
+    weights = load_file(result.export_dir / "adapter" / "adapter_model.safetensors")
+    assert all(float(t.abs().max()) == 0 for name, t in weights.items() if "lora_B" in name)  # the identity adapter
+    assert result.report["aligned"]["kl"] == pytest.approx(result.report["ptq"]["kl"], rel=1e-3, abs=1e-9)
+
+
+def test_a_calibrated_init_that_helps_is_step_zero_and_is_exported_with_its_record(tiny_model_dir, tmp_path):
+    result = run_pipeline(_spec(tiny_model_dir), tmp_path)
+    report, manifest = result.report, result.manifest
+    assert report["init"]["kept"] is True and report["selected_checkpoint"] == 0
+    assert report["aligned"]["kl"] < report["ptq"]["kl"]
+    assert report["init"]["metrics"]["kl"] == pytest.approx(report["aligned"]["kl"], rel=1e-4)
+    assert manifest["init"]["init"] == "calibrated" and manifest["init"]["calibration_sequences"] == 6 and manifest["init"]["calibration_tokens"] > 0
+    assert "calibrated init" in (result.export_dir / "report.md").read_text()
