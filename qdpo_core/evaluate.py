@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qdpo_core.tokens import SequenceBatch, collate, shifted
+from qdpo_core.tokens import SequenceBatch, collate, response_logits, scored_width, shifted
 
 TEACHER_FORCED = ("token_flip_rate", "kl", "perplexity")
 AGREEMENT = ("exact_match", "rouge_l", "cosine")
@@ -34,8 +34,11 @@ class HeldOut:
     fp_texts: list[str]
 
     def batches(self, batch_size: int, pad_id: int):
-        for start in range(0, len(self.prompts), batch_size):
-            yield collate(self.prompts[start : start + batch_size], self.fp_ids[start : start + batch_size], pad_id)
+        """Batches of similar lengths (little padding); the metrics are sums, so order does not matter."""
+        order = sorted(range(len(self.prompts)), key=lambda i: (len(self.prompts[i]), len(self.fp_ids[i])))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield collate([self.prompts[i] for i in chunk], [self.fp_ids[i] for i in chunk], pad_id)
 
 
 def position_stats(fp_logits: torch.Tensor, q_logits: torch.Tensor, batch: SequenceBatch) -> dict[str, float]:
@@ -44,18 +47,17 @@ def position_stats(fp_logits: torch.Tensor, q_logits: torch.Tensor, batch: Seque
     fp_logits, q_logits: (B, T, V) over the same sequences.
     """
     fp_step, targets, mask = shifted(fp_logits, batch)
-    q_step = q_logits[:, :-1, :]
-    fp_logp = torch.log_softmax(fp_step.float(), dim=-1)  # (B, T-1, V)
-    q_logp = torch.log_softmax(q_step.float(), dim=-1)
-    flips = (fp_step.argmax(-1) != q_step.argmax(-1)).to(mask.dtype)  # (B, T-1)
-    kl = (fp_logp.exp() * (fp_logp - q_logp)).sum(-1)  # (B, T-1)
-    nll = -q_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return {
-        "flips": float((flips * mask).sum()),
-        "kl": float((kl * mask).sum()),
-        "nll": float((nll * mask).sum()),
-        "count": float(mask.sum()),
-    }
+    keep = mask.bool()
+    return scored_stats(torch.log_softmax(fp_step[keep].float(), dim=-1), q_logits[:, :-1, :][keep], targets[keep])
+
+
+def scored_stats(fp_logp: torch.Tensor, q_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """The sums over scored positions only: fp_logp (N, V) FP log-probs, q_logits (N, V), targets (N,)."""
+    q_logp = torch.log_softmax(q_logits.float(), dim=-1)  # (N, V)
+    flips = fp_logp.argmax(-1) != q_logp.argmax(-1)  # argmax of log-softmax = argmax of the logits
+    kl = (fp_logp.exp() * (fp_logp - q_logp)).sum(-1)  # (N,)
+    nll = -q_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    return {"flips": float(flips.sum()), "kl": float(kl.sum()), "nll": float(nll.sum()), "count": float(targets.numel())}
 
 
 def summarize(stats: dict[str, float]) -> dict[str, float]:
@@ -68,19 +70,50 @@ def summarize(stats: dict[str, float]) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
-def teacher_forced_metrics(model, teacher, held_out: HeldOut, batch_size: int, pad_id: int) -> dict[str, float]:
-    """Token-flip rate, KL(FP‖model) and perplexity of FP answers under `model`."""
+class TeacherCache:
+    """The FP model's log-probs at the scored positions of each held-out batch, computed once.
+
+    A run scores the same held-out answers at every checkpoint; the teacher's side never changes.
+    Kept in memory up to `max_bytes` (beyond that the teacher is run again each time).
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.batches: list[torch.Tensor] | None = None
+
+    def fits(self, held_out: HeldOut, vocab_size: int) -> bool:
+        return sum(len(a) for a in held_out.fp_ids) * vocab_size * 4 <= self.max_bytes
+
+
+@torch.inference_mode()
+def teacher_forced_metrics(model, teacher, held_out: HeldOut, batch_size: int, pad_id: int, cache: TeacherCache | None = None) -> dict[str, float]:
+    """Token-flip rate, KL(FP‖model) and perplexity of FP answers under `model`.
+
+    Only the positions that predict answer tokens go through the LM head and the softmax; the FP
+    side comes from `cache` when one is given (filled on first use).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = {"flips": 0.0, "kl": 0.0, "nll": 0.0, "count": 0.0}
-    for batch in held_out.batches(batch_size, pad_id):
+    cached = cache.batches if cache is not None else None
+    fresh: list[torch.Tensor] | None = [] if cache is not None and cached is None else None
+    for number, batch in enumerate(held_out.batches(batch_size, pad_id)):
         batch = batch.to(device)
-        fp_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        q_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        for key, value in position_stats(fp_logits, q_logits, batch).items():
+        keep = scored_width(batch)
+        q_logits, targets, mask = response_logits(model, batch, keep)
+        selected = mask.bool()
+        if cached is not None:
+            fp_logp = cached[number]
+        else:
+            fp_logits, _, _ = response_logits(teacher, batch, keep)
+            fp_logp = torch.log_softmax(fp_logits[selected].float(), dim=-1)  # (N, V)
+            if fresh is not None:
+                fresh = fresh + [fp_logp] if cache.fits(held_out, fp_logp.shape[-1]) else None
+        for key, value in scored_stats(fp_logp, q_logits[selected], targets[selected]).items():
             totals[key] += value
+    if fresh:
+        cache.batches = fresh
     model.train(was_training)
     return summarize(totals)
 

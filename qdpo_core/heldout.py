@@ -17,7 +17,10 @@ from qdpo_core.holder import ModelHolder
 
 class HeldOutEvaluator:
     def __init__(self, spec: PipelineSpec, workdir: Path, models: ModelHolder, cancel_check: Callable[[], None]):
+        from qdpo_core.evaluate import TeacherCache
+
         self.spec, self.workdir, self.models, self.cancel_check = spec, workdir, models, cancel_check
+        self.teacher_cache = TeacherCache()  # the FP side of every held-out score, computed once per run
 
     @property
     def fp_path(self) -> Path:
@@ -60,7 +63,9 @@ class HeldOutEvaluator:
         from qdpo_core.evaluate import teacher_forced_metrics
 
         held_out, _ = self.held_out()
-        return teacher_forced_metrics(model, self.models.teacher, held_out, self.spec.eval.batch_size, self.models.tokenizer.pad_token_id)
+        return teacher_forced_metrics(
+            model, self.models.teacher, held_out, self.spec.eval.batch_size, self.models.tokenizer.pad_token_id, cache=self.teacher_cache
+        )
 
     def score(self, model, answers_path: Path, label: str, emitter: Emitter) -> dict:
         """All held-out metrics of `model` (its greedy answers cached at answers_path)."""

@@ -72,13 +72,43 @@ def shifted(logits: torch.Tensor, batch: SequenceBatch) -> tuple[torch.Tensor, t
 def token_logps(logits: torch.Tensor, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of each target under `logits` → (logps (B, T-1), mask (B, T-1))."""
     step_logits, targets, mask = shifted(logits, batch)
-    # cross_entropy is log_softmax + gather without materialising a second (B, T, V) tensor
+    return target_logps(step_logits, targets, mask), mask
+
+
+def target_logps(step_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position, masked → (B, K). step_logits (B, K, V) predict targets (B, K)."""
+    # cross_entropy is logsumexp + gather without materialising a (B, K, V) log-softmax
     logps = -torch.nn.functional.cross_entropy(step_logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return logps.view_as(targets) * mask, mask  # (B, T-1)
+    return logps.view_as(targets) * mask
+
+
+def scored_width(batch: SequenceBatch) -> int:
+    """How many final positions a forward pass must return logits for to score every response token.
+
+    Right-padded rows: row i's first response token sits at its prompt length p_i and is predicted
+    by position p_i − 1, so the last T − (min p_i − 1) positions cover every row. Length-sorted
+    batches keep the prompts, and so this window, tight.
+    """
+    has_response = batch.response_mask.any(dim=1)
+    if not bool(has_response.any()):
+        return 1
+    first = batch.response_mask.float().argmax(dim=1)[has_response]  # prompt length of each row
+    return int(batch.input_ids.shape[1] - (int(first.min()) - 1))
+
+
+def response_logits(model, batch: SequenceBatch, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits only where they predict response tokens (the LM head skips the prompt).
+
+    Returns (logits (B, K-1, V), targets (B, K-1), mask (B, K-1)) over the last K positions, the same
+    alignment `shifted` gives for the full sequence. Pass `keep` to align two models on one window.
+    """
+    keep = keep or scored_width(batch)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+    start = batch.input_ids.shape[1] - keep + 1
+    return logits[:, :-1, :], batch.input_ids[:, start:], batch.response_mask[:, start:].to(logits.dtype)
 
 
 def sequence_logps(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-prob per sequence and response length → ((B,), (B,))."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    logps, mask = token_logps(logits, batch)
-    return logps.sum(-1), mask.sum(-1)
+    logits, targets, mask = response_logits(model, batch)
+    return target_logps(logits, targets, mask).sum(-1), mask.sum(-1)

@@ -25,7 +25,7 @@ from qdpo_core.config import TrainSpec
 from qdpo_core.errors import Cancelled, SpecError
 from qdpo_core.events import Emitter
 from qdpo_core.losses import dpo_loss, kd_loss, nll_loss
-from qdpo_core.tokens import collate, shifted, token_logps
+from qdpo_core.tokens import SequenceBatch, collate, response_logits, scored_width, target_logps
 
 
 @dataclass
@@ -192,9 +192,8 @@ class Trainer:
                     batch = collate([self.examples[i]["prompt_ids"] for i in indices], [self.examples[i][f"{side}_ids"] for i in indices], self.pad_id).to(
                         self.device
                     )
-                    logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                    logps, _ = token_logps(logits, batch)
-                    for i, value in zip(indices, logps.sum(-1).tolist()):
+                    logits, targets, mask = response_logits(self.policy, batch)
+                    for i, value in zip(indices, target_logps(logits, targets, mask).sum(-1).tolist()):
                         result[side][i] = value
                 self.emitter.progress(number, len(batches), f"reference log-probs {number}/{len(batches)}")
         self.policy.train()
@@ -236,13 +235,15 @@ class Trainer:
         if self.objective == "kd":
             answers = [self.on_policy.get(i, e["chosen_ids"]) for i, e in zip(indices, ex)]
             batch = collate(prompts, answers, self.pad_id).to(self.device)
-            logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = self._kd_term(logits, batch)
+            keep = scored_width(batch)
+            logits, _, mask = response_logits(self.policy, batch, keep)  # (B, K-1, V): answer positions only
+            loss = self._kd_term(logits, mask, batch, keep)
             return loss, {"loss": loss.item(), "kd_loss": loss.item()}
         # Chosen and rejected go through one forward pass: (2B, T).
         batch = collate(prompts + prompts, [e["chosen_ids"] for e in ex] + [e["rejected_ids"] for e in ex], self.pad_id).to(self.device)
-        logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
-        logps, mask = token_logps(logits, batch)
+        keep = scored_width(batch)
+        logits, targets, mask = response_logits(self.policy, batch, keep)  # (2B, K-1, V)
+        logps = target_logps(logits, targets, mask)
         sums, lengths = logps.sum(-1), mask.sum(-1)
         n = len(ex)
         ref = torch.tensor([[reference["chosen"][i] for i in indices], [reference["rejected"][i] for i in indices]], device=self.device)
@@ -263,20 +264,19 @@ class Trainer:
             nll = nll_loss(sums[:n], lengths[:n])
             loss = loss + self.spec.nll_weight * nll
             stats["nll_loss"] = nll.item()
-        if self.spec.kd_weight > 0:
-            chosen = collate(prompts, [e["chosen_ids"] for e in ex], self.pad_id).to(self.device)
-            kd = self._kd_term(logits[:n, : chosen.input_ids.shape[1]], chosen)
+        if self.spec.kd_weight > 0:  # on the chosen (FP) answers: the first n rows, same window
+            chosen = SequenceBatch(batch.input_ids[:n], batch.attention_mask[:n], batch.response_mask[:n])
+            kd = self._kd_term(logits[:n], mask[:n], chosen, keep)
             loss = loss + self.spec.kd_weight * kd
             stats["kd_loss"] = kd.item()
         stats["loss"] = loss.item()
         return loss, stats
 
-    def _kd_term(self, student_logits: torch.Tensor, batch) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        student, _, mask = shifted(student_logits, batch)
-        teacher = teacher_logits[:, :-1, :]
-        return kd_loss(student, teacher, mask, self.spec.kd_objective)
+    def _kd_term(self, student_logits: torch.Tensor, mask: torch.Tensor, batch: SequenceBatch, keep: int) -> torch.Tensor:
+        """The KD divergence on `batch`'s answer positions; student_logits come from the same window `keep`."""
+        with torch.no_grad():  # not inference_mode: its tensors could not be saved for the student's backward pass
+            teacher_logits, _, _ = response_logits(self.teacher, batch, keep)
+        return kd_loss(student_logits, teacher_logits, mask, self.spec.kd_objective)
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> TrainResult:

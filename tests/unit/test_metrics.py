@@ -59,3 +59,54 @@ def test_gap_closed_both_directions():
     assert closed["kl"] == pytest.approx(-0.25)  # worse than PTQ-only shows as negative
     assert closed["rouge_l"] == pytest.approx(0.5)
     assert gap_closed({"kl": 0.0}, {"kl": 0.0}, {"kl": 0.1})["kl"] is None
+
+
+def _slow_teacher_forced(model, teacher, held_out, batch_size, pad_id):
+    """The plain definition: full logits over every position, then the response positions."""
+    from qdpo_core.evaluate import summarize
+
+    totals = {"flips": 0.0, "kl": 0.0, "nll": 0.0, "count": 0.0}
+    with torch.no_grad():
+        for start in range(0, len(held_out.prompts), batch_size):
+            batch = collate(held_out.prompts[start : start + batch_size], held_out.fp_ids[start : start + batch_size], pad_id)
+            fp = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            q = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            for key, value in position_stats(fp, q, batch).items():
+                totals[key] += value
+    return summarize(totals)
+
+
+def test_fast_teacher_forced_metrics_equal_the_plain_definition(tiny_model_dir, tokenizer):
+    from qdpo_core.config import QuantSpec
+    from qdpo_core.evaluate import HeldOut, TeacherCache, teacher_forced_metrics
+    from qdpo_core.models import load_full_precision
+    from qdpo_core.quantize import load_quantized
+
+    teacher = load_full_precision(tiny_model_dir, "cpu")
+    student, _ = load_quantized(tiny_model_dir, QuantSpec(method="rtn", bits=2, group_size=32), "cpu")
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 4000, (n,), generator=generator).tolist() for n in (3, 17, 8, 30, 5, 12, 21)]
+    answers = [torch.randint(10, 4000, (n,), generator=generator).tolist() for n in (9, 2, 14, 6, 11, 1, 7)]
+    held_out = HeldOut(prompts, answers, [""] * len(prompts))
+    slow = _slow_teacher_forced(student, teacher, held_out, 3, tokenizer.pad_token_id)
+    fast = teacher_forced_metrics(student, teacher, held_out, 3, tokenizer.pad_token_id)
+    cache = TeacherCache()
+    first = teacher_forced_metrics(student, teacher, held_out, 3, tokenizer.pad_token_id, cache=cache)
+    assert cache.batches is not None  # the FP side is kept ...
+    again = teacher_forced_metrics(student, teacher, held_out, 3, tokenizer.pad_token_id, cache=cache)  # ... and reused
+    assert slow["tokens"] == fast["tokens"] == sum(len(a) for a in answers)
+    for result in (fast, first, again):
+        for key in ("token_flip_rate", "kl", "perplexity"):
+            assert result[key] == pytest.approx(slow[key], rel=1e-5, abs=1e-7), key
+
+
+def test_sequence_logps_on_the_answer_window_equal_full_logits(tiny_model_dir, tokenizer):
+    from qdpo_core.models import load_full_precision
+    from qdpo_core.tokens import sequence_logps, token_logps
+
+    model = load_full_precision(tiny_model_dir, "cpu")
+    batch = collate([[5, 6, 7, 8, 9], [11, 12]], [[20, 21], [30, 31, 32, 33]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        full, mask = token_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+        sums, lengths = sequence_logps(model, batch)
+    assert torch.allclose(sums, full.sum(-1), atol=1e-5) and torch.equal(lengths, mask.sum(-1))
