@@ -1,4 +1,11 @@
-"""Batched chat generation with a cap on new tokens; answers that hit the cap are marked unfinished."""
+"""Batched chat generation with a cap on new tokens; answers that hit the cap are marked unfinished.
+
+Greedy decoding (what pairs, baselines and evaluation use) runs our own KV-cached loop: one prefill
+that computes logits for the last position only, then one token per step for the rows still
+answering — a row that has finished leaves the batch (its cache rows are dropped), and the loop
+ends when every row has. It gives the same answers as `model.generate(do_sample=False)`
+(tests/unit/test_generate.py). Sampling goes through `model.generate`, whose samplers we do not copy.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +36,68 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None})
 
 
+@torch.inference_mode()
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[Response]:
+    """Greedy answers of one batch of encoded prompts with a KV cache; finished rows leave the batch."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention_mask[i, width - len(p) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    stop = torch.tensor(_stop_ids(model, tokenizer), device=device)
+    was_training = model.training
+    model.eval()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    answers: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    active = list(range(len(prompts)))  # original row of each row still in the batch
+    next_position = position_ids[:, -1] + 1
+    token = out.logits[:, -1, :].argmax(-1)  # (A,)
+    for step in range(max_new_tokens):
+        done_rows = []
+        for row, value in zip(active, token.tolist()):
+            answers[row].append(value)
+        is_stop = torch.isin(token, stop)
+        for k, row in enumerate(active):
+            if bool(is_stop[k]):
+                finished[row] = True
+                done_rows.append(k)
+        if step == max_new_tokens - 1 or len(done_rows) == len(active):
+            break
+        if done_rows:  # drop finished rows from the batch and the cache
+            keep = torch.tensor([k for k in range(len(active)) if k not in set(done_rows)], device=device)
+            active = [active[k] for k in keep.tolist()]
+            cache.batch_select_indices(keep)
+            attention_mask, next_position, token = attention_mask[keep], next_position[keep], token[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position[:, None], cache=cache, use_cache=True)
+        cache = out.cache
+        next_position = next_position + 1
+        token = out.logits[:, -1, :].argmax(-1)
+    model.train(was_training)
+    stop_set = set(stop.tolist())
+    return [
+        Response(ids, tokenizer.decode([t for t in ids if t not in stop_set], skip_special_tokens=True).strip(), done) for ids, done in zip(answers, finished)
+    ]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], decoding: Decoding, seed: int = 0) -> list[Response]:
     """Answer one batch of already-encoded prompts (any lengths; they are left-padded here)."""
+    if not decoding.do_sample:
+        return greedy_generate(model, tokenizer, prompts, decoding.max_new_tokens)
+    return hf_generate(model, tokenizer, prompts, decoding, seed)
+
+
+@torch.no_grad()
+def hf_generate(model, tokenizer, prompts: list[list[int]], decoding: Decoding, seed: int = 0) -> list[Response]:
+    """The same through `model.generate` (sampling, and the reference the greedy loop is tested against)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id

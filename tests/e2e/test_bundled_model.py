@@ -68,3 +68,18 @@ def test_calibrated_init_alone_brings_the_bundled_model_closer_to_full_precision
     assert report["aligned"]["token_flip_rate"] < report["ptq"]["token_flip_rate"]
     model, _ = load_aligned(result.export_dir, device="cpu")  # an ordinary PEFT adapter on the same quantized base
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_greedy_loop_gives_transformers_answers_on_the_bundled_model():
+    from qdpo_core.generate import Decoding, greedy_generate, hf_generate
+    from qdpo_core.models import load_full_precision, load_tokenizer, resolve_model_dir
+    from qdpo_core.prompts import builtin_prompts
+    from qdpo_core.tokens import encode_prompt
+
+    model_dir = resolve_model_dir("smollm2-135m-instruct")
+    tokenizer, model = load_tokenizer(model_dir), load_full_precision(model_dir, "cpu")
+    prompts = [encode_prompt(tokenizer, r["messages"], 512).ids for r in builtin_prompts("eval")[:8]]
+    ours = greedy_generate(model, tokenizer, prompts, 40)
+    reference = hf_generate(model, tokenizer, prompts, Decoding(max_new_tokens=40))
+    assert [r.ids for r in ours] == [r.ids for r in reference]
+    assert any(r.finished for r in ours)  # real answers end with the end-of-turn token within 40 tokens
