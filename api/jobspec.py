@@ -57,10 +57,16 @@ def build_spec(request: JobCreate, outbound_policy: OutboundPolicy | None = None
         if value is not None:
             raw[section] = value.given()
     if request.method is not None:
-        for section, value in (("train", request.method.hyperparameters), ("rlaif", request.method.rlaif), ("factuality", request.method.factuality)):
+        sections = (
+            ("train", request.method.hyperparameters),
+            ("rlaif", request.method.rlaif),
+            ("factuality", request.method.factuality),
+            ("auto", request.method.auto),
+        )
+        for section, value in sections:
             if value is not None:
                 raw[section] = value.given()
-        for other in ("rlaif", "factuality"):
+        for other in ("rlaif", "factuality", "auto"):
             if getattr(request.method, other) is not None and method != other:
                 raise ApiError(
                     422, "invalid_spec", f"method.{other}: settings for method '{other}' were given but method.type is {method!r}", f"method.{other}"
@@ -141,7 +147,7 @@ def job_public(job: models.Job) -> JobPublic:
     dataset["file_id"] = job.inputs.get("prompts") or job.inputs.get("pairs")
     dataset["eval_file_id"] = job.inputs.get("eval_prompts")
     method = {"type": spec["method"], "hyperparameters": spec["train"]}
-    if spec["method"] in ("rlaif", "factuality"):
+    if spec["method"] in ("rlaif", "factuality", "auto"):
         method[spec["method"]] = dict(spec[spec["method"]])
     if spec["method"] == "factuality":
         method["factuality"].pop("references", None)

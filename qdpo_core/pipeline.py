@@ -91,9 +91,22 @@ class Run:
         resolve_model_dir(self.spec.model.name)
         for labeler in self.local_labelers():
             resolve_model_dir(labeler.model)
+        self.check_endpoints()
         write_prepared(self.workdir, train, held_out)
         emitter.log(f"{summary['train_records']} training records and {summary['eval_prompts']} held-out prompts from the {summary['source']}")
         return summary
+
+    def check_endpoints(self) -> None:
+        """Endpoint labelers and judges must still pass the outbound policy (DNS may have changed since
+        the job was accepted): refused here, before any model is trained, not after."""
+        from qdpo_core.outbound import current_policy
+
+        places = [("eval.judge", self.spec.eval.judge)]
+        if self.spec.method in ("rlaif", "factuality"):
+            places.append((f"{self.spec.method}.labeler", getattr(self.spec, self.spec.method).labeler))
+        for where, labeler in places:
+            if labeler is not None and labeler.kind == "openai" and labeler.base_url:
+                current_policy().check_url(labeler.base_url, f"{where}.base_url")
 
     def local_labelers(self) -> list:
         spec = self.spec

@@ -11,7 +11,7 @@ import re
 
 from service.inputs import INPUT_FILES
 
-_PREFIXES = (("train.", "method.hyperparameters."), ("rlaif.", "method.rlaif."), ("factuality.", "method.factuality."))
+_PREFIXES = (("train.", "method.hyperparameters."), ("rlaif.", "method.rlaif."), ("factuality.", "method.factuality."), ("auto.", "method.auto."))
 _RENAMES = {"method": "method.type", "model.name": "model", **{f"{f.section}.{f.key}": f.param for f in INPUT_FILES.values()}}
 
 

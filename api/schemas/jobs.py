@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from api.schemas.common import StrictInt, Text
 from api.schemas.spec_models import (
+    AutoSettings,
     DatasetOptions,
     EvalSettings,
     FactualitySettings,
@@ -44,11 +45,14 @@ class MethodSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: MethodType = Field(
-        "qdpo", description="qdpo (FP answer chosen, quantized answer rejected), dpo (your preference pairs), kd (distillation baseline), rlaif, factuality."
+        "qdpo",
+        description="qdpo (FP answer chosen, quantized answer rejected), dpo (your preference pairs), kd (distillation baseline), rlaif, factuality, "
+        "auto (try several from the calibrated init, export the best).",
     )
     hyperparameters: Hyperparameters | None = None
     rlaif: RLAIFSettings | None = Field(None, description="Only for type 'rlaif'.")
     factuality: FactualityOptions | None = Field(None, description="Only for type 'factuality'.")
+    auto: AutoSettings | None = Field(None, description="Only for type 'auto'.")
 
 
 class JobCreate(BaseModel):

@@ -124,6 +124,9 @@ Hyperparameters = model_for(spec.TrainSpec, "Hyperparameters", "Trainer settings
 GenerationSettings = model_for(spec.GenerationSpec, "GenerationSettings", "Decoding used to build preference pairs.", cache=_cache)
 EvalSettings = model_for(spec.EvalSpec, "EvalSettings", "Held-out evaluation before and after training.", cache=_cache)
 RLAIFSettings = model_for(spec.RLAIFSpec, "RLAIFSettings", "Method rlaif: pairs labelled by an AI labeler.", cache=_cache)
+AutoSettings = model_for(
+    spec.AutoSpec, "AutoSettings", "Method auto: candidates tried from the initialised adapter; the best on held-out data is exported.", cache=_cache
+)
 # A client names reference passages by an uploaded file id (method.factuality.references_file_id), never a path.
 FactualitySettings = model_for(spec.FactualitySpec, "FactualitySettings", "Method factuality: FactTune-style pairs.", exclude=("references",), cache=_cache)
 # The dataset's file paths are the worker's business; the API takes file ids instead (see DatasetSettings).

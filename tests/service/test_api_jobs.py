@@ -211,3 +211,24 @@ def test_event_stream_of_a_finished_job_replays_then_ends(http):
         assert response.headers["content-type"].startswith("text/event-stream")
         text = "".join(response.iter_text())
     assert text.count("event: status") == 3 and "event: end" in text and '"status": "cancelled"' in text
+
+
+def test_method_auto_and_the_init_settings_are_accepted_and_shown_back(http):
+    body = {
+        "method": {
+            "type": "auto",
+            "auto": {"candidates": ["init", "kd"]},
+            "hyperparameters": {"init": "calibrated", "init_calibration_prompts": 32, "kd_objective": "cakld"},
+        }
+    }
+    job = http.post("/v1/jobs", json=body).json()
+    assert job["method"]["type"] == "auto" and job["method"]["auto"] == {"candidates": ["init", "kd"]}
+    assert (job["method"]["hyperparameters"]["init"], job["method"]["hyperparameters"]["kd_objective"]) == ("calibrated", "cakld")
+    before = http.get("/v1/jobs").json()["data"]
+    error = error_of(http.post("/v1/jobs", json={"method": {"type": "auto", "auto": {"candidates": ["init", "magic"]}}}), 422)
+    assert error["param"] == "method.auto.candidates[1]" and "kd" in error["message"]
+    error = error_of(http.post("/v1/jobs", json={"method": {"type": "kd", "auto": {"candidates": ["init"]}}}), 422)
+    assert error["param"] == "method.auto"
+    error = error_of(http.post("/v1/jobs", json={"method": {"hyperparameters": {"init": "magic"}}}), 422)
+    assert error["param"] == "method.hyperparameters.init"
+    assert http.get("/v1/jobs").json()["data"] == before  # nothing stored

@@ -30,7 +30,7 @@ def test_async_client_round_trip(api_deployment, tenant_key, tmp_path):
             with pytest.raises(JobCancelled):
                 await client.jobs.wait(job.id, poll_interval=0.1)
             with pytest.raises(InvalidRequestError) as bad:
-                await client.jobs.create(method={"hyperparameters": {"epochs": 0}})
+                await client.jobs.create(method={"hyperparameters": {"epochs": -1}})
             assert bad.value.param == "method.hyperparameters.epochs"
             with pytest.raises(NotFoundError):
                 await client.jobs.get("job_missing")
