@@ -36,6 +36,9 @@ METHODS = {
     "kd-cakld": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "cakld"}},
     "kd-reverse": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "reverse"}},
     "kd-onpolicy": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_on_policy_fraction": 0.5}},
+    "kd-lr5e-4": {"method": "kd", "train": {"learning_rate": 5e-4}},
+    "qdpo+nll-rinit": {"method": "qdpo", "train": {"learning_rate": 2e-4, "nll_weight": 1.0}, "generation": {"rejected_model": "init"}},
+    "auto": {"method": "auto", "train": {"learning_rate": 2e-4}},
     "qdpo": {"method": "qdpo", "train": {"learning_rate": 1e-4}},
     "kd": {"method": "kd", "train": {"learning_rate": 2e-4}},
     "qdpo+kd": {"method": "qdpo", "train": {"learning_rate": 2e-4, "kd_weight": 0.5}},
@@ -82,6 +85,75 @@ def spec_for(quant: str, method: str, args) -> dict:
     return spec
 
 
+# What a stage's output depends on: runs that agree on these share it (copied, not recomputed).
+# The baseline (FP and PTQ-only answers and scores on the held-out prompts) depends on the model,
+# the quantization, the held-out data and the evaluation; the init also on the training prompts,
+# the LoRA shape and the init settings (and the calibration answers' length).
+SHARED_STAGES = {
+    "baseline": {"": ("seed",), "model": None, "quantization": None, "dataset": None, "eval": None},
+    "init": {
+        "": ("seed",),
+        "model": None,
+        "quantization": None,
+        "dataset": None,
+        "eval": None,
+        "generation": ("max_new_tokens", "batch_size"),
+        "train": (
+            "init",
+            "init_calibration_prompts",
+            "init_damping",
+            "init_max_full_gram_dim",
+            "lora_rank",
+            "lora_alpha",
+            "target_modules",
+            "selection_metric",
+        ),
+    },
+}
+STAGE_FILES = {"baseline": ("data", "baseline"), "init": ("init",)}
+
+
+def stage_key(spec: dict, stage: str) -> str:
+    import hashlib
+
+    parts = {}
+    for section, keys in SHARED_STAGES[stage].items():
+        source = spec if section == "" else spec[section]
+        parts[section] = source if keys is None else {k: source[k] for k in keys}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reuse_shared_stages(spec: dict, workdir: Path, cache: Path) -> list[str]:
+    """Copy finished shared stages from the bench's cache into a new run (before it starts)."""
+    reused = []
+    for stage in SHARED_STAGES:
+        source = cache / f"{stage}-{stage_key(spec, stage)}"
+        if (workdir / "stages" / f"{stage}.json").is_file() or not (source / "stages" / f"{stage}.json").is_file():
+            continue
+        for name in (*STAGE_FILES[stage], f"stages/{stage}.json"):
+            target = workdir / name
+            if (source / name).is_dir():
+                shutil.copytree(source / name, target, dirs_exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source / name, target)
+        reused.append(stage)
+    return reused
+
+
+def store_shared_stages(spec: dict, workdir: Path, cache: Path) -> None:
+    for stage in SHARED_STAGES:
+        target = cache / f"{stage}-{stage_key(spec, stage)}"
+        if (target / "stages" / f"{stage}.json").is_file() or not (workdir / "stages" / f"{stage}.json").is_file():
+            continue
+        for name in (*STAGE_FILES[stage], f"stages/{stage}.json"):
+            if (workdir / name).is_dir():
+                shutil.copytree(workdir / name, target / name, dirs_exist_ok=True)
+            else:
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(workdir / name, target / name)
+
+
 def run_one(quant: str, method: str, args) -> dict:
     from qdpo_core.config import PipelineSpec
     from qdpo_core.pipeline import run_pipeline
@@ -90,6 +162,12 @@ def run_one(quant: str, method: str, args) -> dict:
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)
     spec = PipelineSpec.from_dict(spec_for(quant, method, args))
+    cache = Path(args.runs_dir) / "_shared"
+    if not args.no_share:
+        workdir.mkdir(parents=True, exist_ok=True)
+        reused = reuse_shared_stages(spec.to_dict(), workdir, cache)
+        if reused:
+            print(f"  [{quant}/{method}] reusing the {' and '.join(reused)} of an earlier run with the same settings", flush=True)
     started = time.monotonic()
 
     def show(event) -> None:
@@ -97,6 +175,8 @@ def run_one(quant: str, method: str, args) -> dict:
             print(f"  [{quant}/{method}] {event.stage}: {event.message}", flush=True)
 
     result = run_pipeline(spec, workdir, on_event=show)
+    if not args.no_share:
+        store_shared_stages(spec.to_dict(), workdir, cache)
     report = result.report
     return {
         "quant": quant,
@@ -156,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs first")
+    parser.add_argument(
+        "--no-share", action="store_true", help="recompute the baseline and init of every run instead of copying them from a run with the same settings"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     parser.add_argument("--runs-dir", default=str(HERE / "runs"), help="where the run workdirs live (one per setting you compare)")
     args = parser.parse_args(argv)
