@@ -39,7 +39,7 @@ SELECTION_METRICS = ("kl", "token_flip_rate")
 INITS = ("identity", "svd", "calibrated")  # qdpo_core.calibrate implements them
 KD_OBJECTIVES = ("forward", "reverse", "cakld")
 REJECTED_MODELS = ("init", "ptq")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 LABELER_KINDS = ("local", "openai")
 RESPONSE_MODELS = ("quantized", "fp")
 SCORERS = ("consistency", "logprob", "reference")
@@ -189,7 +189,12 @@ class ModelSpec(_Spec):
     prefix: ClassVar[str] = "model"
     name: str = _help("Registered model name (e.g. smollm2-135m-instruct), a local Hugging Face directory, or a hub id.", default="smollm2-135m-instruct")
     device: str = _help("'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'.", default="auto")
-    dtype: str = _help("Compute dtype of the full-precision teacher and of 4-bit layers: float32, bfloat16 or float16.", choices=DTYPES, default="float32")
+    dtype: str = _help(
+        "Compute dtype of the full-precision teacher and of 4-bit layers: float32, bfloat16, float16, or auto "
+        "(bfloat16 where a short start-up probe finds it at least 1.5× faster than float32 on this device, else float32).",
+        choices=DTYPES,
+        default="float32",
+    )
 
     def __post_init__(self) -> None:
         _check_text(self.name, "model.name", MAX_NAME_CHARS, "give a model name such as 'smollm2-135m-instruct'")

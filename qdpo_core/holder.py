@@ -17,6 +17,7 @@ class ModelHolder:
         self.policy = None
         self._quant_info = None
         self._device: str | None = None
+        self._dtype: str | None = None
 
     @property
     def device(self) -> str:
@@ -25,6 +26,15 @@ class ModelHolder:
 
             self._device = resolve_device(self.spec.model.device)
         return self._device
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype in use: the spec's, with 'auto' resolved once by measurement."""
+        if self._dtype is None:
+            from qdpo_core.models import resolve_dtype
+
+            self._dtype = resolve_dtype(self.spec.model.dtype, self.device)
+        return self._dtype
 
     @property
     def model_dir(self) -> Path:
@@ -47,7 +57,7 @@ class ModelHolder:
         if self._teacher is None:
             from qdpo_core.models import load_full_precision
 
-            self._teacher = load_full_precision(self.model_dir, self.device, self.spec.model.dtype)
+            self._teacher = load_full_precision(self.model_dir, self.device, self.dtype)
         return self._teacher
 
     @property
@@ -66,5 +76,5 @@ class ModelHolder:
     def _load_student(self) -> None:
         from qdpo_core.quantize import load_quantized
 
-        self._student, self._quant_info = load_quantized(self.model_dir, self.spec.quantization, self.device, self.spec.model.dtype)
+        self._student, self._quant_info = load_quantized(self.model_dir, self.spec.quantization, self.device, self.dtype)
         self._student.name_or_path = self.spec.model.name  # what peft names the adapters' base: the model's name, not this machine's directory

@@ -56,6 +56,43 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+AUTO_BF16_SPEEDUP = 1.5  # bfloat16 must be at least this much faster to be worth its lower precision
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """A concrete dtype for `name`; 'auto' measures instead of assuming.
+
+    On some CPUs bfloat16 matmuls are several times faster than float32 (AVX512-BF16, AMX), on
+    others tens of times slower (AVX2 only): a probe of a layer-sized matmul decides. On CUDA,
+    bfloat16 where the GPU supports it.
+    """
+    if name != "auto":
+        return name
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    timings = {dtype: _matmul_seconds(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+    return "bfloat16" if timings["float32"] >= AUTO_BF16_SPEEDUP * timings["bfloat16"] else "float32"
+
+
+def _matmul_seconds(dtype, size: int = 512, repeats: int = 5) -> float:
+    """Best-of-`repeats` time of a (64×size)·(size×size) matmul: the shape of a decode step."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(64, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: first calls pick kernels
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def resolve_model_dir(reference: str) -> Path:
     """The local Hugging Face directory for a reference, preparing caches as needed."""
     known = registry.lookup(reference)

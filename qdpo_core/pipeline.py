@@ -121,7 +121,7 @@ class Run:
         emitter.log(
             f"quantized {info['quantized_layers']} layers: {info['packed_bytes'] / 1e6:.1f} MB at {info['bits']} bits vs {fp_bytes / 1e6:.1f} MB full precision"
         )
-        return {**info, "fp_memory_bytes": fp_bytes, "device": self.models.device}
+        return {**info, "fp_memory_bytes": fp_bytes, "device": self.models.device, "dtype": self.models.dtype}
 
     def init(self, emitter: Emitter) -> dict:
         """Step 0: the LoRA adapter initialised from the quantization error, kept only if it beats PTQ-only."""
@@ -424,6 +424,7 @@ class Run:
             checkpoints=trained["checkpoint_evals"],
             pairs={k: v for k, v in (self.done("pairs") or {}).items() if k != "seconds"},
             memory={k: (self.done("quantize") or {}).get(k) for k in ("fp_memory_bytes", "memory_bytes", "packed_bytes")},
+            compute={"device": (self.done("quantize") or {}).get("device"), "dtype": (self.done("quantize") or {}).get("dtype")},
             samples=samples,
             init=self._init_summary(),
             **({"judge": judge} if judge is not None else {}),

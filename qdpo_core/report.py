@@ -104,7 +104,8 @@ def markdown_report(report: dict) -> str:
     head = [
         f"# qdpo report: {report.get('method', '?')} on {report.get('model', '?')} ({report.get('quantization_label', '?')})",
         "",
-        f"Held-out prompts: {report.get('eval_prompts', '?')}. Selected checkpoint: step {report.get('selected_checkpoint')}.",
+        f"Held-out prompts: {report.get('eval_prompts', '?')}. Selected checkpoint: step {report.get('selected_checkpoint')}."
+        + (f" Computed on {report['compute']['device']} in {report['compute']['dtype']}." if (report.get("compute") or {}).get("dtype") else ""),
         "",
         markdown_table(report),
         "",

@@ -34,5 +34,5 @@ def labeler_for(spec: LabelerSpec, models, place: str) -> Labeler:
         raise ModelUnavailable(message, param=f"{place}.model") from exc
     if model_dir.resolve() == models.model_dir.resolve():
         return LocalLabeler(models.teacher, models.tokenizer, spec.model, spec.batch_size)
-    model = load_full_precision(model_dir, models.device, models.spec.model.dtype)
+    model = load_full_precision(model_dir, models.device, models.dtype)
     return LocalLabeler(model, load_tokenizer(model_dir), spec.model, spec.batch_size)
