@@ -148,6 +148,7 @@ class Trainer:
         should_cancel: Callable[[], bool] = lambda: False,
         seed: int = 0,
         max_new_tokens: int = 64,  # on-policy distillation: cap on the model's own answers
+        teacher_cache_bytes: int = 2 << 30,  # FP logits kept for reuse across epochs
     ):
         self.policy, self.teacher, self.tokenizer = policy, teacher, tokenizer
         self.examples, self.spec, self.objective = examples, spec, objective
@@ -164,6 +165,8 @@ class Trainer:
         self.uses_teacher = objective == "kd" or spec.kd_weight > 0
         self.max_new_tokens = max_new_tokens
         self.on_policy: dict[int, list[int]] = {}  # example index -> the model's own answer, this epoch
+        self.teacher_cache: dict[int, torch.Tensor] = {}  # example index -> FP logits on its answer (N_i, V)
+        self.teacher_cache_bytes, self.teacher_cache_used = teacher_cache_bytes, 0
 
     # ---- data -------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[list[int]]:
@@ -237,7 +240,8 @@ class Trainer:
             batch = collate(prompts, answers, self.pad_id).to(self.device)
             keep = scored_width(batch)
             logits, _, mask = response_logits(self.policy, batch, keep)  # (B, K-1, V): answer positions only
-            loss = self._kd_term(logits, mask, batch, keep)
+            cacheable = [i not in self.on_policy for i in indices]  # the model's own answers change every epoch
+            loss = self._kd_term(logits, mask, batch, keep, indices if all(cacheable) else None)
             return loss, {"loss": loss.item(), "kd_loss": loss.item()}
         # Chosen and rejected go through one forward pass: (2B, T).
         batch = collate(prompts + prompts, [e["chosen_ids"] for e in ex] + [e["rejected_ids"] for e in ex], self.pad_id).to(self.device)
@@ -266,17 +270,34 @@ class Trainer:
             stats["nll_loss"] = nll.item()
         if self.spec.kd_weight > 0:  # on the chosen (FP) answers: the first n rows, same window
             chosen = SequenceBatch(batch.input_ids[:n], batch.attention_mask[:n], batch.response_mask[:n])
-            kd = self._kd_term(logits[:n], mask[:n], chosen, keep)
+            kd = self._kd_term(logits[:n], mask[:n], chosen, keep, indices)
             loss = loss + self.spec.kd_weight * kd
             stats["kd_loss"] = kd.item()
         stats["loss"] = loss.item()
         return loss, stats
 
-    def _kd_term(self, student_logits: torch.Tensor, mask: torch.Tensor, batch: SequenceBatch, keep: int) -> torch.Tensor:
-        """The KD divergence on `batch`'s answer positions; student_logits come from the same window `keep`."""
-        with torch.no_grad():  # not inference_mode: its tensors could not be saved for the student's backward pass
-            teacher_logits, _, _ = response_logits(self.teacher, batch, keep)
-        return kd_loss(student_logits, teacher_logits, mask, self.spec.kd_objective)
+    def _kd_term(self, student_logits: torch.Tensor, mask: torch.Tensor, batch: SequenceBatch, keep: int, indices: list[int] | None) -> torch.Tensor:
+        """The KD divergence on `batch`'s answer positions; student_logits come from the same window `keep`.
+
+        The teacher's logits on an example's FP answer never change, so they are computed once and
+        reused in later epochs while they fit in `teacher_cache_bytes` (`indices` names the examples;
+        None for sequences that cannot be cached, such as the model's own on-policy answers).
+        """
+        selected = mask.bool()  # (B, K-1): the answer positions, row by row
+        rows = [int(n) for n in selected.sum(-1).tolist()]
+        if indices is not None and all(i in self.teacher_cache for i in indices):
+            teacher = torch.cat([self.teacher_cache[i] for i in indices])  # (N, V) in the same row-major order
+        else:
+            with torch.no_grad():  # not inference_mode: its tensors could not be saved for the student's backward pass
+                teacher_logits, _, _ = response_logits(self.teacher, batch, keep)
+            teacher = teacher_logits[selected]  # (N, V)
+            if indices is not None:
+                for i, part in zip(indices, torch.split(teacher, rows)):
+                    if self.teacher_cache_used + part.numel() * part.element_size() <= self.teacher_cache_bytes:
+                        self.teacher_cache[i] = part.clone()
+                        self.teacher_cache_used += part.numel() * part.element_size()
+        ones = torch.ones(teacher.shape[0], device=teacher.device)
+        return kd_loss(student_logits[selected], teacher, ones, self.spec.kd_objective)
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> TrainResult:

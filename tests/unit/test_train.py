@@ -159,3 +159,18 @@ def test_on_policy_distillation_trains_on_the_models_own_answers(tiny_model_dir,
         trainer.on_policy = own
         mixed, _ = trainer.batch_loss(indices, None)
     assert not torch.isclose(fp_only, mixed)
+
+
+def test_teacher_logits_reused_across_epochs_give_the_same_training(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=2, batch_size=4, learning_rate=3e-3, warmup_ratio=0, select_best=False, kd_weight=0.5)
+    for objective in ("kd", "dpo"):
+        cached = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / f"{objective}-cached", spec, objective=objective)
+        cached.run()
+        assert len(cached.teacher_cache) == len(examples)  # filled in epoch 1, read in epoch 2
+        plain = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / f"{objective}-plain", spec, objective=objective)
+        plain.teacher_cache_bytes = 0  # nothing fits: the teacher runs every step
+        plain.run()
+        assert plain.teacher_cache == {}
+        a, b = _adapter(tmp_path / f"{objective}-cached" / "best"), _adapter(tmp_path / f"{objective}-plain" / "best")
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-6), (objective, name)
