@@ -41,6 +41,7 @@ TAGS = [
     {"name": "jobs", "description": "Alignment jobs and their lifecycle."},
     {"name": "job outputs", "description": "Events, metrics, checkpoints, report and adapter of a job."},
     {"name": "models", "description": "Base models this deployment offers."},
+    {"name": "webhooks", "description": "Endpoints that receive signed job events, and the deliveries made to them."},
     {"name": "health", "description": "Probes for orchestrators."},
 ]
 

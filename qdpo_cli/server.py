@@ -1,10 +1,10 @@
-"""Server-side commands of `qdpo`: serve, api, worker, migrate, reconcile, keys.
+"""Server-side commands of `qdpo`: serve, api, worker, dispatcher, migrate, reconcile, keys.
 
 They read the deployment's QDPO_* settings and import the API / worker code only when run, so the
 client commands stay light. `qdpo serve` is the embedded, zero-configuration service: it applies
 the migrations, makes sure an API key exists (printing it), writes the client config (its URL and
-that key, so `qdpo` client commands work from any directory), starts one worker process and serves
-the API in the foreground until interrupted.
+that key, so `qdpo` client commands work from any directory), starts one worker process (which
+starts a webhook dispatcher beside it) and serves the API in the foreground until interrupted.
 
 The key commands read the deployment's database and never create one: a missing or unmigrated
 database is reported with its URL and the fix (`qdpo migrate`, QDPO_DATABASE_URL, QDPO_VAR_DIR).
@@ -42,7 +42,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--concurrency", type=int, help="jobs at once (default QDPO_WORKER_CONCURRENCY)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--hostname", help="Celery node name (default qdpo@<host>)")
+    worker.add_argument("--no-dispatcher", action="store_true", help="do not start a webhook dispatcher beside the worker")
     worker.set_defaults(handler=cmd_worker)
+    dispatcher = sub.add_parser("dispatcher", help="send webhook deliveries (every `qdpo worker` already runs one)")
+    dispatcher.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # stop when the process that started it is gone
+    dispatcher.set_defaults(handler=cmd_dispatcher)
     sub.add_parser("migrate", help="apply the database migrations").set_defaults(handler=cmd_migrate)
     sub.add_parser("reconcile", help="one reconciler pass: re-enqueue lost jobs, recover expired leases").set_defaults(handler=cmd_reconcile)
     keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(dest="keys_command", required=True)
@@ -174,6 +178,8 @@ def cmd_serve(args) -> int:
     worker = None
     if not args.no_worker:
         worker = subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "worker"], env=os.environ.copy())
+    else:  # webhooks are still sent
+        worker = start_dispatcher()
     try:
         return _run_api(settings, host, port)
     finally:
@@ -225,7 +231,35 @@ def cmd_worker(args) -> int:
     ]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
-    app.worker_main(argv)
+    dispatcher = None if args.no_dispatcher else start_dispatcher()
+    try:
+        app.worker_main(argv)
+    finally:
+        if dispatcher is not None:
+            _stop(dispatcher)
+    return 0
+
+
+def start_dispatcher() -> subprocess.Popen:
+    """A webhook dispatcher in its own process (so no receiver can hold up a job), ending with this one."""
+    return subprocess.Popen([sys.executable, "-m", "qdpo_cli.main", "dispatcher", f"--parent-pid={os.getpid()}"], env=os.environ.copy())
+
+
+def cmd_dispatcher(args) -> int:
+    import logging
+    import threading
+
+    from worker.webhooks import Dispatcher
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/webhooks] %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    dispatcher = Dispatcher(_settings())
+    try:
+        dispatcher.run(stop, parent_pid=args.parent_pid)
+    finally:
+        dispatcher.stop(grace=5)
     return 0
 
 

@@ -21,7 +21,8 @@ from qdpo_client.errors import (
     QdpoClientError,
     ServerError,
 )
-from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page
+from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page, WebhookDelivery, WebhookEndpoint
+from qdpo_client.webhooks import WebhookVerificationError, sign_webhook, verify_webhook
 
 __all__ = [
     "AsyncClient",
@@ -45,4 +46,9 @@ __all__ = [
     "Metric",
     "Model",
     "Page",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookVerificationError",
+    "sign_webhook",
+    "verify_webhook",
 ]

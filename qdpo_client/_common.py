@@ -20,6 +20,11 @@ def job_body(model: str, **sections: Any) -> dict:
     return {"model": model, **{key: value for key, value in sections.items() if value is not None}}
 
 
+def webhook_body(url: str, events: list[str] | None, description: str | None) -> dict:
+    """The POST /v1/webhooks body; events left as None take the server's default (the terminal job states)."""
+    return {"url": url, **{key: value for key, value in (("events", events), ("description", description)) if value is not None}}
+
+
 def idempotency_headers(key: str | None) -> dict:
     return {"Idempotency-Key": key or f"qdpo-client-{secrets.token_hex(16)}"}
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 
-from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params
+from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params, webhook_body
 from qdpo_client._http import AsyncHTTP, client_options, connect
 from qdpo_client.config import Connection
 from qdpo_client.errors import JobCancelled, JobFailed
-from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page
+from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page, WebhookDelivery, WebhookEndpoint
 
 
 class AsyncFiles:
@@ -166,6 +166,27 @@ class AsyncJobs:
         return extract_and_verify(archive, dest / job_id) if extract else archive
 
 
+class AsyncWebhooks:
+    def __init__(self, http: AsyncHTTP):
+        self._http = http
+
+    async def create(self, url: str, *, events: list[str] | None = None, description: str | None = None) -> WebhookEndpoint:
+        return WebhookEndpoint.model_validate(await self._http.json("POST", "/v1/webhooks", json=webhook_body(url, events, description), retries=0))
+
+    async def list(self) -> Page[WebhookEndpoint]:
+        return Page[WebhookEndpoint].model_validate(await self._http.json("GET", "/v1/webhooks"))
+
+    async def get(self, webhook_id: str) -> WebhookEndpoint:
+        return WebhookEndpoint.model_validate(await self._http.json("GET", f"/v1/webhooks/{webhook_id}"))
+
+    async def delete(self, webhook_id: str) -> dict:
+        return await self._http.json("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    async def deliveries(self, webhook_id: str, *, status: str | None = None, after: str | None = None, limit: int | None = None) -> Page[WebhookDelivery]:
+        params = page_params(status=status, after=after, limit=limit)
+        return Page[WebhookDelivery].model_validate(await self._http.json("GET", f"/v1/webhooks/{webhook_id}/deliveries", params=params))
+
+
 class AsyncModels:
     def __init__(self, http: AsyncHTTP):
         self._http = http
@@ -191,6 +212,7 @@ class AsyncClient:
         self.http = http_client or httpx.AsyncClient(**client_options(self.connection, timeout))
         transport = AsyncHTTP(self.http, max_retries, self.connection)
         self.files, self.jobs, self.models = AsyncFiles(transport), AsyncJobs(transport), AsyncModels(transport)
+        self.webhooks = AsyncWebhooks(transport)
         self._transport = transport
 
     async def health(self) -> dict:

@@ -1,4 +1,4 @@
-"""Client commands of `qdpo`: models, files and jobs over the REST API."""
+"""Client commands of `qdpo`: models, files, jobs and webhooks over the REST API."""
 
 from __future__ import annotations
 
@@ -88,6 +88,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     download.add_argument("--no-extract", action="store_true")
     download.set_defaults(handler=lambda a: print(_client(a).jobs.download_adapter(a.job_id, a.dir, extract=not a.no_extract)))
 
+    webhooks = sub.add_parser("webhooks", help="endpoints that receive signed job events").add_subparsers(dest="webhooks_command", required=True)
+    register = webhooks.add_parser("create", help="register an endpoint; prints its signing secret once")
+    register.add_argument("url")
+    register.add_argument(
+        "--event",
+        dest="events",
+        action="append",
+        metavar="TYPE",
+        help="job.succeeded, job.failed, job.cancelled, job.running, … (repeatable; default: the three terminal ones)",
+    )
+    register.add_argument("--description")
+    register.set_defaults(handler=cmd_webhooks_create)
+    webhooks.add_parser("list").set_defaults(handler=lambda a: _table(_client(a).webhooks.list().data, ["id", "url", "events", "description"]))
+    for name in ("get", "delete"):
+        command = webhooks.add_parser(name)
+        command.add_argument("webhook_id")
+        command.set_defaults(handler=lambda a, m=name: _show(getattr(_client(a).webhooks, m)(a.webhook_id)))
+    deliveries = webhooks.add_parser("deliveries", help="what was sent to an endpoint, newest first")
+    deliveries.add_argument("webhook_id")
+    deliveries.add_argument("--status", choices=["pending", "succeeded", "failed"])
+    _paging(deliveries)
+    deliveries.set_defaults(handler=cmd_webhooks_deliveries)
+
 
 def _paging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--after", help="cursor from the previous page")
@@ -155,6 +178,26 @@ def cmd_jobs_events(args) -> None:
         return
     for event in client.jobs.events(args.job_id, after=args.after, limit=args.limit).data:
         _print_event(event)
+
+
+def cmd_webhooks_create(args) -> None:
+    endpoint = _client(args).webhooks.create(args.url, events=args.events, description=args.description)
+    out.print(f"created {endpoint.id} for {', '.join(endpoint.events)} → {endpoint.url}", highlight=False, markup=False)
+    out.print("signing secret (shown only now; verify deliveries with qdpo_client.verify_webhook):", highlight=False)
+    print(endpoint.secret)
+
+
+def cmd_webhooks_deliveries(args) -> None:
+    page = _client(args).webhooks.deliveries(args.webhook_id, status=args.status, after=args.after, limit=args.limit)
+    table = Table()
+    for column in ("id", "event", "job", "status", "attempts", "last answer"):
+        table.add_column(column, no_wrap=column == "id", overflow="fold")
+    for delivery in page.data:
+        answer = delivery.last_error or (str(delivery.last_status_code) if delivery.last_status_code is not None else "")
+        table.add_row(delivery.id, delivery.event_type, delivery.job_id or "", delivery.status, str(delivery.attempts), answer)
+    out.print(table)
+    if page.has_more:
+        out.print(f"more: --after {page.next_cursor}", highlight=False)
 
 
 def _print_event(event: Event) -> None:

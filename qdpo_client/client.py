@@ -18,12 +18,12 @@ from typing import Any
 
 import httpx
 
-from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params
+from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params, webhook_body
 from qdpo_client._http import SyncHTTP, client_options, connect
 from qdpo_client.config import Connection
 from qdpo_client.errors import JobCancelled, JobFailed
 from qdpo_client.progress import JobProgress
-from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page
+from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page, WebhookDelivery, WebhookEndpoint
 
 
 class Files:
@@ -176,6 +176,32 @@ class Jobs:
         return extract_and_verify(archive, dest / job_id) if extract else archive
 
 
+class Webhooks:
+    """Endpoints that receive signed job events (verify them with `qdpo_client.verify_webhook`)."""
+
+    def __init__(self, http: SyncHTTP):
+        self._http = http
+
+    def create(self, url: str, *, events: list[str] | None = None, description: str | None = None) -> WebhookEndpoint:
+        """Register an endpoint; the answer's `secret` (whsec_…) is shown only this once."""
+        # Not retried: a lost answer would leave an endpoint whose secret nobody saw.
+        return WebhookEndpoint.model_validate(self._http.json("POST", "/v1/webhooks", json=webhook_body(url, events, description), retries=0))
+
+    def list(self) -> Page[WebhookEndpoint]:
+        return Page[WebhookEndpoint].model_validate(self._http.json("GET", "/v1/webhooks"))
+
+    def get(self, webhook_id: str) -> WebhookEndpoint:
+        return WebhookEndpoint.model_validate(self._http.json("GET", f"/v1/webhooks/{webhook_id}"))
+
+    def delete(self, webhook_id: str) -> dict:
+        return self._http.json("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    def deliveries(self, webhook_id: str, *, status: str | None = None, after: str | None = None, limit: int | None = None) -> Page[WebhookDelivery]:
+        """What was sent to the endpoint, newest first, with every attempt's status code or error."""
+        params = page_params(status=status, after=after, limit=limit)
+        return Page[WebhookDelivery].model_validate(self._http.json("GET", f"/v1/webhooks/{webhook_id}/deliveries", params=params))
+
+
 class Models:
     def __init__(self, http: SyncHTTP):
         self._http = http
@@ -202,6 +228,7 @@ class Client:
         self.http = http_client or httpx.Client(**client_options(self.connection, timeout))
         transport = SyncHTTP(self.http, max_retries, self.connection)
         self.files, self.jobs, self.models = Files(transport), Jobs(transport), Models(transport)
+        self.webhooks = Webhooks(transport)
         self._transport = transport
 
     def health(self) -> dict:

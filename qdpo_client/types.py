@@ -100,3 +100,28 @@ class Page(_Model, Generic[T]):
     data: list[T]
     has_more: bool = False
     next_cursor: str | None = None
+
+
+class WebhookEndpoint(_Model):
+    id: str
+    url: str
+    events: list[str] = []
+    description: str | None = None
+    created_at: int
+    secret: str | None = None  # only in the answer to webhooks.create
+
+
+class WebhookDelivery(_Model):
+    id: str  # the webhook-id every attempt carried
+    webhook_id: str
+    event_type: str
+    job_id: str | None = None
+    status: str  # pending | succeeded | failed
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    next_attempt_at: int | None = None
+    created_at: int
+    delivered_at: int | None = None
+    attempt_log: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {}

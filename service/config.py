@@ -63,6 +63,17 @@ class Settings(BaseSettings):
         7 * 24 * 3600, description="Redis broker: an unacknowledged job message is redelivered after this long; keep it longer than any job."
     )
 
+    # Webhooks (sent by the dispatcher `qdpo worker` starts beside itself, or `qdpo dispatcher`)
+    webhook_max_endpoints: int = Field(20, description="Webhook endpoints one tenant may register.")
+    webhook_timeout_seconds: float = Field(10.0, description="How long one delivery attempt waits to connect and for the receiver's answer.")
+    webhook_retry_base_seconds: float = Field(5.0, description="Delay before the first retry of a failed delivery; it doubles with every attempt.")
+    webhook_retry_max_interval_seconds: float = Field(3600.0, description="Longest delay between two attempts of one delivery.")
+    webhook_retry_window_seconds: float = Field(
+        24 * 3600.0, description="A delivery not answered with 2xx within this long after its event is given up (failed)."
+    )
+    webhook_poll_seconds: float = Field(1.0, description="How often the dispatcher looks for deliveries that are due.")
+    webhook_concurrency: int = Field(8, description="Deliveries one dispatcher sends at once (at most 2 to the same endpoint).")
+
     # Reconciler (runs inside the API process; `qdpo reconcile` runs one pass by hand)
     reconcile_interval_seconds: float = Field(30.0, description="Seconds between reconciler passes in the API process; 0 = off.")
     requeue_after_seconds: float = Field(120.0, description="A job queued this long with no message in the broker is enqueued again.")

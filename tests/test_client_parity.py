@@ -76,7 +76,7 @@ def clients():
 def test_the_async_client_has_every_resource_method_and_parameter_of_the_sync_one(clients):
     sync, asynchronous = clients
     sync_resources, async_resources = _resources(sync), _resources(asynchronous)
-    assert set(sync_resources) == set(async_resources) == {"files", "jobs", "models"}
+    assert set(sync_resources) == set(async_resources) == {"files", "jobs", "models", "webhooks"}
     found = differences(sync, asynchronous, "client", CLIENT_DUNDERS)
     for name in sorted(sync_resources):
         found += differences(sync_resources[name], async_resources[name], name)

@@ -6,7 +6,8 @@
 
 A transition names the states it accepts (and, for a worker, the lease it holds), so two actors
 racing on one job — a worker and a cancel request, two workers after a redelivery, a worker and
-the reconciler — can never both win: the loser's UPDATE matches no row.
+the reconciler — can never both win: the loser's UPDATE matches no row. A transition that wins
+also writes the tenant's webhook deliveries for it (service.crud.webhooks), in its transaction.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.crud import events as events_crud
+from service.crud import webhooks as webhooks_crud
 from service.crud.pagination import page
 from service.errors import InvalidInput
 from service.security import looks_like_id
@@ -101,7 +103,10 @@ def _cas(session: Session, job_pk: int, accept: tuple[str, ...], owner: str | No
     if owner is not None:
         statement = statement.where(Job.lease_owner == owner)
     result = session.execute(statement.values(updated_at=utcnow(), **values).execution_options(synchronize_session=False))
-    return result.rowcount == 1
+    changed = result.rowcount == 1
+    if changed and "status" in values:  # announced to the tenant's webhooks in this same transaction
+        webhooks_crud.job_status_changed(session, job_pk=job_pk, status=values["status"])
+    return changed
 
 
 def mark_queued(session: Session, *, job_pk: int, accept: tuple[str, ...] = (VALIDATING,), message: str = "queued", level: str = "info") -> bool:
@@ -160,6 +165,7 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: float, ta
     if session.execute(statement).rowcount != 1:
         session.rollback()
         return None
+    webhooks_crud.job_status_changed(session, job_pk=job.pk, status=RUNNING)
     session.execute(update(Job).where(Job.pk == job.pk, Job.started_at.is_(None)).values(started_at=now).execution_options(synchronize_session=False))
     session.commit()
     session.refresh(job)

@@ -64,7 +64,7 @@ def test_upgrade_numbers_existing_events_per_job_and_fingerprints_keyed_requests
     upgrade(database_url, "0001")
     a, b = _seed_revision_0001(database_url)
     upgrade(database_url)
-    assert current_revision(database_url) == "0003"
+    assert current_revision(database_url) == head_revision()
     engine = make_engine(database_url, pooled=False)
     with engine.connect() as connection:
         rows = connection.execute(sa.text("SELECT job_pk, seq, message FROM job_events ORDER BY pk")).all()
@@ -84,6 +84,27 @@ def test_upgrade_numbers_existing_events_per_job_and_fingerprints_keyed_requests
             jobs_crud.check_idempotent_reuse(job_a, key="key-1", request={**REQUEST, "seed": 2})
         assert info.value.code == "idempotency_key_reused" and "seed" in info.value.message
     engine.dispose()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from service.migrate import alembic_config
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def test_the_migrations_form_one_line():
+    """Every revision follows the one before it: one head, one base, no branch (two changes numbered alike would make two heads)."""
+    from alembic.script import ScriptDirectory
+
+    from service.migrate import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    assert len(script.get_heads()) == 1, f"more than one Alembic head: {script.get_heads()}; chain the newer migration after the other (down_revision)"
+    assert len(script.get_bases()) == 1, script.get_bases()
+    revisions = [r.revision for r in script.walk_revisions()]
+    assert revisions == sorted(revisions, reverse=True), revisions  # numbered in the order they apply
 
 
 def test_downgrade_and_upgrade_again(database_url):
