@@ -32,8 +32,11 @@ AUTO_CANDIDATES = {
     "qdpo+nll": ("dpo", {"nll_weight": 1.0}),
     "qdpo+kd": ("dpo", {"kd_weight": 0.5}),
 }
-QUANT_METHODS = ("nf4", "fp4", "int8", "rtn", "none")
+QUANT_METHODS = ("nf4", "fp4", "int8", "rtn", "gguf", "none")
 RTN_BITS = (2, 3, 4, 8)
+# GGUF types qdpo quantizes FP weights to (those the `gguf` package quantizes exactly as llama.cpp), with their bits.
+# A GGUF file registered with a model may hold any type llama.cpp makes (K-quants too): quantization.type left empty.
+GGUF_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}
 LOSSES = ("sigmoid", "hinge", "ipo")
 SELECTION_METRICS = ("kl", "token_flip_rate")
 INITS = ("identity", "svd", "calibrated")  # qdpo_core.calibrate implements them
@@ -210,7 +213,8 @@ class ModelSpec(_Spec):
 class QuantSpec(_Spec):
     prefix: ClassVar[str] = "quantization"
     method: str = _help(
-        "nf4 / fp4 (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), rtn (group-wise round-to-nearest fake-quant), none.",
+        "nf4 / fp4 (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), rtn (group-wise round-to-nearest fake-quant), "
+        "gguf (llama.cpp's GGUF quantization: the numbers llama.cpp computes with), none.",
         choices=QUANT_METHODS,
         default="nf4",
     )
@@ -219,9 +223,33 @@ class QuantSpec(_Spec):
     )
     group_size: int = _help("RTN only: weights per quantization group along the input dimension (-1 = one group per row).", default=64)
     double_quant: bool = _help("bitsandbytes 4-bit only: also quantize the quantization constants.", default=False)
+    type: str | None = _help(
+        "gguf only: the GGUF type the FP weights are quantized to (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); "
+        "empty = the GGUF file the operator registered with the model, as it is (any type llama.cpp makes, K-quants included).",
+        choices=tuple(GGUF_TYPES),
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self.method, "quantization.method", QUANT_METHODS)
+        if self.method == "gguf":
+            _check(
+                self.type is None or self.type in GGUF_TYPES,
+                "quantization.type",
+                f"got {_shown(self.type)}; qdpo quantizes to {', '.join(GGUF_TYPES)}. For another type (Q4_K_M, IQ4_XS, ...) "
+                "make the file with llama.cpp's llama-quantize, have the operator register it with the model and leave quantization.type empty",
+            )
+            _check(
+                self.bits is None or self.bits == GGUF_TYPES.get(self.type),
+                "quantization.bits",
+                f"the GGUF type sets the bit width; got bits={_shown(self.bits)}: leave bits empty",
+            )
+            _check(self.group_size == 64, "quantization.group_size", "GGUF types have their own block size; leave group_size empty")
+            _check_bool(self.double_quant, "quantization.double_quant")
+            _check(not self.double_quant, "quantization.double_quant", "only the bitsandbytes 4-bit methods (nf4, fp4) have it; remove it for method 'gguf'")
+            self.bits = GGUF_TYPES.get(self.type)  # None: the registered file's own types
+            return
+        _check(self.type is None, "quantization.type", f"only method 'gguf' has a type; remove it for method {self.method!r} or use method 'gguf'")
         _check(self.bits is None or _is_int(self.bits), "quantization.bits", f"got {_shown(self.bits)}; use an integer such as 4")
         _check(
             _is_int(self.group_size) and (self.group_size == -1 or 8 <= self.group_size <= 65536),

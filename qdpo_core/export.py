@@ -12,12 +12,22 @@ registered name through the service), not by the directory it was loaded from.
 
 The adapter is meant for the *same quantized base* it was trained on (merging LoRA into a 4-bit
 base degrades it); `load_aligned(export_dir)` rebuilds that base from the manifest and attaches it.
+
+A `quantization.method: gguf` job also writes, for llama.cpp (`llama-cli -m model-Q4_0.gguf --lora adapter.gguf`):
+
+        adapter.gguf        the same adapter as a GGUF LoRA (qdpo_core.gguf_files.write_adapter)
+        model-<TYPE>.gguf   the quantized base it was trained on (with a type; a registered GGUF
+                            file is the user's own and is named in the manifest, not copied)
+
+The manifest's `files` are what the adapter archive holds; the base GGUF is large and is listed,
+with its sha256, under `gguf.base` (the service serves it on its own).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +51,8 @@ def sha256_file(path: Path) -> str:
 def quantization_label(quant: QuantSpec) -> str:
     if quant.method == "rtn":
         return f"RTN {quant.bits}-bit, group {quant.group_size}"
+    if quant.method == "gguf":
+        return f"GGUF {quant.type}" if quant.type else "GGUF (the registered file)"
     return {"nf4": "bitsandbytes nf4", "fp4": "bitsandbytes fp4", "int8": "bitsandbytes int8"}.get(quant.method, quant.method)
 
 
@@ -85,10 +97,12 @@ def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, m
     tmp.mkdir(parents=True)
     copy_adapter(best_adapter, tmp / "adapter")
     name_base_model(tmp / "adapter", spec.model.name)
+    gguf = export_gguf(spec, tmp, model_dir) if spec.quantization.method == "gguf" else None
     spec_dict, inputs = portable_spec(spec)
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (tmp / "report.md").write_text(markdown_report(report), encoding="utf-8")
-    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    base_file = (gguf or {}).get("base", {}).get("file") if (gguf or {}).get("base", {}).get("included") else None
+    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != base_file}
     manifest = {
         "format": FORMAT,
         "qdpo_version": __version__,
@@ -109,6 +123,8 @@ def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, m
         "inputs": inputs,
         "spec": spec_dict,
     }
+    if gguf is not None:
+        manifest["gguf"] = gguf
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -116,13 +132,94 @@ def export(spec: PipelineSpec, best_adapter: Path, report: dict, target: Path, m
 
 
 def verify(export_dir: Path) -> dict:
-    """Check every file against the manifest's sha256; raise ValueError naming the first mismatch."""
+    """Check every file against the manifest's sha256; raise ValueError naming the first mismatch.
+
+    The base GGUF (`gguf.base`, not part of the adapter archive) is checked when it is there.
+    """
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    for name, expected in manifest["files"].items():
+    base = (manifest.get("gguf") or {}).get("base") or {}
+    checked = dict(manifest["files"])
+    if base.get("included") and (export_dir / base["file"]).is_file():
+        checked[base["file"]] = base["sha256"]
+    for name, expected in checked.items():
         actual = sha256_file(export_dir / name)
         if actual != expected:
             raise ValueError(f"{name}: sha256 {actual} does not match the manifest ({expected})")
     return manifest
+
+
+def llama_cpp_command(base_file: str, adapter_file: str = "adapter.gguf") -> str:
+    return f"llama-cli -m {base_file} --lora {adapter_file}"
+
+
+def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
+    """Write adapter.gguf (and model-<TYPE>.gguf when the job quantized to a type) into `target`; their manifest entry."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from qdpo_core import gguf_files
+    from qdpo_core.models import gguf_file_for
+
+    adapter_dir = target / "adapter"
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise ValueError("adapter.gguf: per-layer LoRA ranks or alphas (rank_pattern / alpha_pattern) are not supported")
+    alpha = float(config["lora_alpha"])
+    state = load_file(adapter_dir / "adapter_model.safetensors")
+    lora: dict[str, tuple] = {}
+    for key, tensor in state.items():
+        for part in (".lora_A.weight", ".lora_B.weight"):
+            if key.endswith(part):
+                module = key.removeprefix("base_model.model.").removesuffix(part)
+                lora.setdefault(module, {})[part] = tensor.float().numpy()
+    layers = {}
+    for module, parts in lora.items():
+        rank = parts[".lora_A.weight"].shape[0]
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        layers[module] = (parts[".lora_A.weight"], parts[".lora_B.weight"], scaling)
+    ranks = gguf_files.write_adapter(target / gguf_files.ADAPTER_FILE, model_dir, layers, alpha, f"{spec.model.name} qdpo adapter")
+    adapter_path = target / gguf_files.ADAPTER_FILE
+    entry = {
+        "adapter": {
+            "file": gguf_files.ADAPTER_FILE,
+            "sha256": sha256_file(adapter_path),
+            "bytes": adapter_path.stat().st_size,
+            "lora_alpha": alpha,
+            "rank": max(ranks.values()) if ranks else 0,
+            "tensors": 2 * len(ranks),
+        }
+    }
+    gguf_path, _ = gguf_file_for(model_dir)
+    if spec.quantization.type:
+        base = target / gguf_files.model_file_name(spec.quantization.type)
+        handles = [safe_open(str(p), framework="pt") for p in sorted(Path(model_dir).glob("*.safetensors"))]
+        where = {key: handle for handle in handles for key in handle.keys()}
+
+        def fp_array(hf_name: str):
+            return where[hf_name].get_tensor(hf_name).to(torch.float32).numpy()
+
+        types = gguf_files.write_model(base, gguf_path, model_dir, spec.quantization.type, fp_array)
+        entry["base"] = {
+            "file": base.name,
+            "sha256": sha256_file(base),
+            "bytes": base.stat().st_size,
+            "type": spec.quantization.type,
+            "tensor_types": types,
+            "included": True,
+        }
+    else:  # the registered file: the user's own, named and hashed, not copied
+        info = gguf_files.inspect(gguf_path)
+        entry["base"] = {
+            "file": info.name,
+            "sha256": sha256_file(gguf_path),
+            "bytes": info.bytes,
+            "type": info.file_type,
+            "tensor_types": dict(sorted(info.type_counts.items())),
+            "included": False,
+        }
+    entry["llama_cpp"] = llama_cpp_command(entry["base"]["file"])
+    return entry
 
 
 def load_aligned(export_dir: str | Path, device: str = "auto"):

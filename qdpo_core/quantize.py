@@ -7,6 +7,13 @@ RTN ("round to nearest") is the plain post-training baseline: each row of a line
 into groups of `group_size` input weights; each group gets its own scale and zero point and is
 rounded to 2^bits levels. We keep the de-quantized values in float ("fake quant"): the numbers are
 exactly those a packed kernel would compute with, which is what alignment has to repair.
+
+GGUF (`method: gguf`) is llama.cpp's quantization, done the same way: every weight is quantized to
+its GGUF type with the `gguf` package and replaced by the values llama.cpp de-quantizes it to
+(qdpo_core.gguf_files says which tensor gets which type: the embeddings / output head Q8_0, norms
+F32). With `type` left empty the weights are those of the GGUF file registered with the model,
+de-quantized: any type llama.cpp makes, K-quants included. LoRA on this frozen base computes
+W_q·x + s·B·A·x, exactly how llama.cpp applies a LoRA adapter at run time.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ SKIP_MODULES = ("lm_head",)
 @dataclass
 class QuantInfo:
     method: str
-    bits: int
+    bits: float  # GGUF: bits per weight of the stored model
     group_size: int | None
     memory_bytes: int  # as held in memory here
-    packed_bytes: int  # what the weights take when stored at `bits` (RTN: weights + per-group scale/zero)
+    packed_bytes: int  # what the weights take when stored at `bits` (RTN: weights + per-group scale/zero; GGUF: the file's tensors)
     quantized_layers: int
+    gguf_types: dict | None = None  # GGUF: {GGML type: tensor count}
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -45,6 +53,13 @@ def load_quantized(model_dir: Path, spec: QuantSpec, device: str, dtype: str = "
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    if spec.method == "gguf":
+        model, info = gguf_quantize(model_dir, spec, dtype)
+        model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        info.memory_bytes = model.get_memory_footprint()
+        return model, info
     if spec.method == "rtn":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True)
         layers, packed = rtn_quantize_(model, spec.bits, spec.group_size)
@@ -168,3 +183,69 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int) -> tuple[int, in
             layers += 1
     other = sum(p.numel() for p in model.parameters()) - quantized_params  # parameters() de-duplicates tied weights
     return layers, packed_bits // 8 + other * 2  # the rest stored as 16-bit
+
+
+@torch.no_grad()
+def gguf_quantize(model_dir: Path, spec: QuantSpec, dtype: str = "float32"):
+    """The FP model with every weight replaced by its GGUF de-quantized values → (model, QuantInfo).
+
+    spec.type set: the FP weights quantized to that type (needs a GGUF of the model for the export's
+    metadata: checked here, before any work). spec.type empty: the registered GGUF file's weights.
+    """
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from qdpo_core import gguf_files
+    from qdpo_core.config import GGUF_TYPES
+    from qdpo_core.errors import SpecError
+    from qdpo_core.models import gguf_file_for
+
+    if dtype != "float32":
+        raise SpecError(
+            f"model.dtype: method 'gguf' computes with the GGUF's de-quantized weights in float32, as llama.cpp does; got {dtype!r}", param="model.dtype"
+        )
+    found = gguf_file_for(model_dir)
+    if found is None:
+        raise SpecError(
+            "quantization.method: 'gguf' takes the model's llama.cpp metadata (hyperparameters, tokenizer) from a GGUF of the same model, and this "
+            'model has none; register one in the model\'s directory (QDPO_EXTRA_MODELS {"<name>": "<model dir>/<file>.gguf"})',
+            param="quantization.method",
+        )
+    gguf_path, fp_source = found
+    try:
+        config = gguf_files.fp_config(model_dir)
+        gguf_files.architecture(config)
+        if spec.type is None:
+            if fp_source:
+                raise SpecError(
+                    f"quantization.type: this model's FP weights are its GGUF file's own de-quantized weights; choose a type: {', '.join(GGUF_TYPES)}",
+                    param="quantization.type",
+                )
+            inspection = gguf_files.check_pair(gguf_path, model_dir)
+            weights = gguf_files.read_weights(gguf_path, model_dir)
+        else:
+            inspection, weights = None, None
+    except gguf_files.GGUFProblem as exc:
+        raise SpecError(f"quantization.method: {exc}", param="quantization.method") from None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    tensor_map = gguf_files.name_map(config)
+    types: dict[str, int] = {}
+    packed = layers = 0
+    linear = {name + ".weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for name, param in model.named_parameters():  # tied weights appear once
+        gguf_name = gguf_files.gguf_name(name, tensor_map)
+        if weights is not None:
+            values = weights[name]
+            type_ = inspection.tensors[gguf_name][1]
+        else:
+            type_ = gguf_files.tensor_type(gguf_name, tuple(param.shape), spec.type)
+            stored, values = gguf_files.quantize(param.detach().cpu().numpy(), type_)
+            packed += stored.nbytes
+        param.copy_(torch.from_numpy(np.array(values, dtype=np.float32)).reshape(param.shape))
+        types[type_] = types.get(type_, 0) + 1
+        layers += name in linear and type_ not in ("F32", "F16")
+    if inspection is not None:
+        packed = inspection.bytes
+    params = sum(p.numel() for p in model.parameters())
+    bits = GGUF_TYPES[spec.type] if spec.type else round(8 * packed / params, 2)
+    return model, QuantInfo("gguf", bits, None, 0, packed, layers, gguf_types=dict(sorted(types.items())))

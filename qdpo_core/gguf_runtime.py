@@ -1,0 +1,104 @@
+"""Run a GGUF model (and LoRA adapter) in llama.cpp itself, through llama-cpp-python.
+
+This is how qdpo checks that llama.cpp computes what the project computed: the tests and the
+benchmark feed llama.cpp the very token ids the torch side used (no second tokenizer or chat
+template in between) and read its next-token logits.
+
+    with LlamaCpp("model-Q4_0.gguf", "adapter.gguf") as llm:
+        logits = llm.logits(prompt_ids + answer_ids)   # (tokens, vocab) float32
+        answer = llm.greedy(prompt_ids, 32, stop={eos})
+
+`pip install llama-cpp-python` builds llama.cpp with cmake and a C++ compiler (`make install` does
+it once, into .venv). The KV cache is kept in float32 here (llama.cpp's default is float16) so
+that the comparison measures the weights and the adapter, not the cache's rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+INSTALL_HINT = "llama-cpp-python is not installed: run `make install` (it builds llama.cpp once, about 10-15 minutes) or `pip install llama-cpp-python`"
+
+
+def require_llama_cpp():
+    """The llama_cpp module, or an ImportError that says how to get it."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ImportError(f"{INSTALL_HINT} ({exc})") from exc
+    return llama_cpp
+
+
+class LlamaCpp:
+    def __init__(self, model: str | Path, adapter: str | Path | None = None, n_ctx: int = 1024, threads: int | None = None, f32_cache: bool = True):
+        import os
+
+        llama_cpp = require_llama_cpp()
+        options = {}
+        if f32_cache:
+            options.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+        self.llm = llama_cpp.Llama(
+            model_path=str(model),
+            lora_path=str(adapter) if adapter else None,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            logits_all=True,
+            n_threads=threads or max(1, min(4, os.cpu_count() or 1)),
+            n_gpu_layers=0,
+            seed=0,
+            verbose=False,
+            **options,
+        )
+
+    def __enter__(self) -> LlamaCpp:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+    def logits(self, ids: list[int]):
+        """Next-token logits after every position of `ids`: (len(ids), vocab) numpy float32."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, stop: set[int] | None = None) -> list[int]:
+        """The greedy answer to `prompt` (token ids), at most max_new_tokens long, ending at a stop token."""
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        answer: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            answer.append(token)
+            if stop and token in stop:
+                break
+            self.llm.eval([token])
+        return answer
+
+
+def flip_rate(llm: LlamaCpp, prompts: list[list[int]], answers: list[list[int]], fp_argmax: list) -> dict:
+    """Token-flip rate of the llama.cpp model on FP answers (teacher-forced), against FP's argmax per answer position.
+
+    `fp_argmax[i]` holds the FP model's argmax at the positions that predict answers[i]'s tokens.
+    """
+    import numpy as np
+
+    flips = count = 0
+    for prompt, answer, reference in zip(prompts, answers, fp_argmax):
+        if not answer:
+            continue
+        logits = llm.logits(prompt + answer)
+        predicted = logits[len(prompt) - 1 : len(prompt) + len(answer) - 1].argmax(-1)
+        flips += int((predicted != np.asarray(reference)).sum())
+        count += len(answer)
+    return {"token_flip_rate": flips / max(count, 1), "tokens": count}
