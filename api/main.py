@@ -18,7 +18,7 @@ from api import metrics
 from api.core.errors import install_error_handlers
 from api.core.limits import BodySizeLimitMiddleware
 from api.core.query import EmptyQueryValuesMiddleware
-from api.routes import api_router, health
+from api.routes import api_router, dashboard, health
 from service.broker import JobQueue
 from service.config import Settings, get_settings
 from service.db import session_factory
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_upload_bytes=settings.max_upload_bytes, max_request_bytes=settings.max_request_bytes)
     app.add_middleware(EmptyQueryValuesMiddleware)
     app.include_router(health.router)
+    app.include_router(dashboard.router)  # the web dashboard at /
     app.include_router(api_router)
     if settings.metrics_enabled:
         _add_metrics(app)
