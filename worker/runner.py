@@ -139,7 +139,8 @@ class JobRunner:
 
     def _succeeded(self, job: Job, result) -> str:
         relative = self.store.adapter_relpath(job.tenant_id, job.id)
-        size, sha256 = build_archive(result.export_dir, self.store.absolute(relative))
+        base = ((result.manifest or {}).get("gguf") or {}).get("base") or {}  # the quantized GGUF model: served on its own
+        size, sha256 = build_archive(result.export_dir, self.store.absolute(relative), skip=(base["file"],) if base.get("included") else ())
         report_md = result.export_dir / "report.md"
         if report_md.is_file():
             shutil.copyfile(report_md, self.store.report_markdown(job.tenant_id, job.id))
