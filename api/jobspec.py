@@ -80,7 +80,9 @@ def build_spec(request: JobCreate, outbound_policy: OutboundPolicy | None = None
         raw["seed"] = request.seed
     _check_labelers(raw)
     try:
-        spec = PipelineSpec.from_dict(raw).to_dict()
+        parsed = PipelineSpec.from_dict(raw)
+        registry.check_quantization(parsed.model.name, parsed.quantization, parsed.model.dtype)  # e.g. method gguf on a model with no GGUF
+        spec = parsed.to_dict()
     except SpecError as exc:
         raise to_api_error(exc) from exc
     except (TypeError, ValueError) as exc:  # a value of the right JSON type but unusable (e.g. a comparison failed)

@@ -171,3 +171,39 @@ def download_adapter(job_id: str, tenant: CurrentTenant, session: SessionDep, st
     headers = {"ETag": f'"{job.adapter_sha256}"', "Repr-Digest": f"sha-256=:{digest}:", "X-Content-SHA256": job.adapter_sha256}
     filename = f"{job.id}-adapter.tar.gz"
     return FileResponse(store.absolute(job.adapter_path), media_type="application/gzip", filename=filename, headers=headers)
+
+
+GGUF_DESCRIPTION = (
+    "`quantization.method: gguf` jobs: `adapter` is the GGUF LoRA adapter (adapter.gguf), `model` the quantized base it was trained on "
+    "(model-<TYPE>.gguf; a job that aligned a registered GGUF file has none to serve: that file is the user's own). "
+    "Run the pair with `llama-cli -m model-Q4_0.gguf --lora adapter.gguf`. ETag and Repr-Digest carry the sha256 the manifest records."
+)
+
+
+@router.head("/gguf/{kind}", include_in_schema=False)
+@router.get(
+    "/gguf/{kind}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": GGUF_DESCRIPTION}, **error_responses(401, 404, 409, 422)},
+)
+def download_gguf(job_id: str, kind: Literal["adapter", "model"], tenant: CurrentTenant, session: SessionDep, store: StoreDep) -> FileResponse:
+    """Download a GGUF job's llama.cpp files: the LoRA adapter, or the quantized model it belongs to."""
+    job = get_tenant_job(session, tenant, job_id)
+    _require_success(job, "gguf")
+    export_dir = store.workdir(job.tenant_id, job.id) / "export"  # the pipeline's export, which the adapter archive was built from
+    manifest_path = export_dir / "manifest.json"
+    gguf = (json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}).get("gguf")
+    if not gguf:
+        raise ApiError(409, "gguf_not_available", f"job_id: {job.id} made no GGUF files; jobs with quantization.method 'gguf' make them", "job_id")
+    entry = gguf["adapter"] if kind == "adapter" else gguf["base"]
+    if not entry.get("included", True):
+        raise ApiError(
+            409,
+            "gguf_model_not_included",
+            f"kind: job {job.id} aligned the registered GGUF file {entry['file']} (sha256 {entry['sha256']}) as it is, so there is no model to download; "
+            "use that file with GET .../gguf/adapter",
+            "kind",
+        )
+    digest = base64.b64encode(bytes.fromhex(entry["sha256"])).decode()
+    headers = {"ETag": f'"{entry["sha256"]}"', "Repr-Digest": f"sha-256=:{digest}:", "X-Content-SHA256": entry["sha256"]}
+    return FileResponse(export_dir / entry["file"], media_type="application/octet-stream", filename=entry["file"], headers=headers)
