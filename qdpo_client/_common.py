@@ -67,6 +67,15 @@ def expected_sha256(headers, job_sha256: str | None) -> str | None:
     return job_sha256 or announced
 
 
+def attachment_name(headers, default: str) -> str:
+    """The file name a download announces (Content-Disposition), reduced to a bare name; `default` when there is none."""
+    import re
+
+    match = re.search(r'filename="?([^";]+)"?', headers.get("content-disposition", ""))
+    name = Path(match.group(1)).name if match else ""
+    return name if name and name not in (".", "..") else default
+
+
 class HashingWriter:
     """Writes a download to `<target>.part` while hashing it; `finish` verifies and renames."""
 

@@ -18,10 +18,20 @@ from typing import Any
 
 import httpx
 
-from qdpo_client._common import HashingWriter, SSEParser, expected_sha256, extract_and_verify, idempotency_headers, job_body, page_params, webhook_body
+from qdpo_client._common import (
+    HashingWriter,
+    SSEParser,
+    attachment_name,
+    expected_sha256,
+    extract_and_verify,
+    idempotency_headers,
+    job_body,
+    page_params,
+    webhook_body,
+)
 from qdpo_client._http import AsyncHTTP, client_options, connect
 from qdpo_client.config import Connection
-from qdpo_client.errors import JobCancelled, JobFailed
+from qdpo_client.errors import ConflictError, JobCancelled, JobFailed
 from qdpo_client.types import Checkpoint, Event, File, Job, Metric, Model, Page, WebhookDelivery, WebhookEndpoint
 
 
@@ -164,6 +174,33 @@ class AsyncJobs:
             raise
         archive = writer.finish(expected, size)
         return extract_and_verify(archive, dest / job_id) if extract else archive
+
+    async def download_gguf(self, job_id: str, dest: str | Path = ".", *, model: bool = True) -> dict[str, Path]:
+        """Download a GGUF job's adapter.gguf and (with `model`) its quantized model-<TYPE>.gguf into dest/<job id>/, sha256 verified.
+
+        Then `llama-cli -m model-Q4_0.gguf --lora adapter.gguf` in that directory. A job that aligned a registered
+        GGUF file has no model to download (that file is the one you registered): only the adapter comes back.
+        """
+        paths: dict[str, Path] = {}
+        for kind in ("adapter", "model") if model else ("adapter",):
+            writer = None
+            try:
+                async with self._http.stream("GET", f"/v1/jobs/{job_id}/gguf/{kind}") as response:
+                    writer = HashingWriter(Path(dest) / job_id / attachment_name(response.headers, f"{kind}.gguf"))
+                    expected = expected_sha256(response.headers, None)
+                    size = int(response.headers["content-length"]) if "content-length" in response.headers else None
+                    async for chunk in response.aiter_bytes():
+                        writer.write(chunk)
+            except ConflictError as exc:
+                if kind == "model" and exc.code == "gguf_model_not_included":
+                    continue
+                raise
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+            paths[kind] = writer.finish(expected, size)
+        return paths
 
 
 class AsyncWebhooks:
