@@ -200,10 +200,8 @@ def gguf_quantize(model_dir: Path, spec: QuantSpec, dtype: str = "float32"):
     from qdpo_core.errors import SpecError
     from qdpo_core.models import gguf_file_for
 
-    if dtype != "float32":
-        raise SpecError(
-            f"model.dtype: method 'gguf' computes with the GGUF's de-quantized weights in float32, as llama.cpp does; got {dtype!r}", param="model.dtype"
-        )
+    if dtype != "float32":  # 'auto' may have chosen bfloat16 for the teacher; the GGUF student stays exact
+        log.warning("method gguf: the quantized model computes in float32, as llama.cpp does (model.dtype %s applies to the FP teacher only)", dtype)
     found = gguf_file_for(model_dir)
     if found is None:
         raise SpecError(

@@ -115,7 +115,7 @@ def check_quantization(name: str, quantization: QuantSpec, dtype: str = "float32
         raise SpecError(f"model.name: {name!r} cannot be used: {model.problem}; the operator must fix its registration", param="model.name")
     if quantization.method != "gguf":
         return
-    if dtype != "float32":
+    if dtype in ("bfloat16", "float16"):  # 'auto' is fine: the GGUF student computes in float32 whatever the teacher does
         raise SpecError(
             f"model.dtype: method 'gguf' computes with the GGUF's de-quantized weights in float32, as llama.cpp does; got {dtype!r}: use float32",
             param="model.dtype",
