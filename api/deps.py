@@ -1,10 +1,33 @@
-"""Request dependencies: settings, a database session, the artifact store, the queue, the tenant."""
+"""Request dependencies: settings, a database session, the artifact store, the queue, the tenant.
+
+No request holds a database connection while it waits for anything else. The routes are sync
+functions that FastAPI runs in a worker thread; their session is created here without touching
+the database, takes a pooled connection at its first query inside that thread and gives it back
+when the route commits, or when the request ends. The tenant is found without the request's
+session (from a short cache, or with a session of its own that is closed before the route runs),
+so a request never waits for a thread while it sits on a connection — with 64 clients that made
+every pooled connection idle in transaction while all threads waited for one.
+
+A request takes one of the process's database slots (as many as the pool keeps connections, less
+a few kept for key lookups) before its route runs, and gives it back when the route returned: while
+all are taken, further requests wait on the event loop — holding no thread and no connection —
+for at most QDPO_DB_POOL_TIMEOUT_SECONDS, then answer 503. So a thread never blocks on an
+exhausted pool while the requests that hold its connections wait for a thread (FastAPI also
+validates a sync route's response in the thread pool, after the route returned).
+
+The trivial dependencies are `async def`: FastAPI runs a sync dependency in the thread pool,
+a thread hop per request each for nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
+import anyio
+from cachetools import TTLCache
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -13,40 +36,98 @@ from api.core.errors import ApiError
 from service.broker import JobQueue
 from service.config import Settings
 from service.crud import keys as keys_crud
+from service.errors import Unavailable
+from service.security import hash_api_key
 from service.storage import ArtifactStore
 from service.tables import Tenant
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `qdpo keys create --tenant NAME`.")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
-        yield session
+def install_request_state(app, settings: Settings) -> None:
+    """The per-process state these dependencies use: key cache and database slots (see the module docstring)."""
+    # Within the pool's steady size: an overflow connection is opened and closed again per use (a
+    # new Postgres backend each time), so requests never count on it; it serves the rest (readiness
+    # probes, metrics scrapes, event streams, the reconciler).
+    capacity = settings.db_pool_size
+    lookups = max(1, min(4, capacity // 4))
+    app.state.tenant_cache = TTLCache(maxsize=10_000, ttl=settings.api_key_cache_seconds) if settings.api_key_cache_seconds > 0 else None
+    app.state.db_slots = asyncio.Semaphore(max(1, capacity - lookups))
+    app.state.key_lookup_slots = asyncio.Semaphore(lookups)
 
 
-def get_store(request: Request) -> ArtifactStore:
+@asynccontextmanager
+async def _slot(request: Request, semaphore: asyncio.Semaphore):
+    settings = request.app.state.settings
+    try:
+        await asyncio.wait_for(semaphore.acquire(), settings.db_pool_timeout_seconds)
+    except asyncio.TimeoutError:
+        raise Unavailable(
+            f"every database connection of this server is busy; try again in {settings.db_retry_after_seconds} s",
+            code="database_unavailable",
+            retry_after=settings.db_retry_after_seconds,
+        ) from None
+    try:
+        yield
+    finally:
+        semaphore.release()
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    async with _slot(request, request.app.state.db_slots):
+        session = request.app.state.sessions()  # no connection yet: the route's first query takes one, in its thread
+        try:
+            yield session
+        finally:
+            if session.in_transaction():  # a read-only route leaves its transaction open: roll back and release, off the event loop
+                # a limiter of its own, as FastAPI does for its own exits: releasing must never wait for a busy thread pool
+                await anyio.to_thread.run_sync(_close, session, abandon_on_cancel=False, limiter=anyio.CapacityLimiter(1))
+            else:
+                _close(session)
+
+
+def _close(session: Session) -> None:
+    try:
+        session.close()
+    except Exception:  # the connection died with the database; the pool has already let it go
+        pass
+
+
+async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # released when the route returns, not after a download
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 
 
-def get_current_tenant(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
+def _authenticate(sessions, key: str) -> Tenant | None:
+    with sessions() as session:  # its own short session, closed (connection released) before the route runs
+        return keys_crud.authenticate(session, key=key)
+
+
+async def get_current_tenant(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise ApiError(401, "missing_api_key", "send your API key as 'Authorization: Bearer <key>'", "Authorization", headers=challenge)
-    tenant = keys_crud.authenticate(session, key=credentials.credentials)
+    state = request.app.state
+    cache, key_hash = state.tenant_cache, hash_api_key(credentials.credentials)
+    tenant = cache.get(key_hash) if cache is not None else None
+    if tenant is None:
+        async with _slot(request, state.key_lookup_slots):
+            tenant = await anyio.to_thread.run_sync(_authenticate, state.sessions, credentials.credentials)
+        if tenant is not None and cache is not None:
+            cache[key_hash] = tenant
     if tenant is None:
         raise ApiError(
             401, "invalid_api_key", "the API key is unknown or revoked; create one with `qdpo keys create --tenant NAME`", "Authorization", headers=challenge

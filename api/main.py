@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,6 +19,7 @@ from api import metrics
 from api.core.errors import install_error_handlers
 from api.core.limits import BodySizeLimitMiddleware
 from api.core.query import EmptyQueryValuesMiddleware
+from api.deps import install_request_state
 from api.routes import api_router, dashboard, health
 from service.broker import JobQueue
 from service.config import Settings, get_settings
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         reconciler = None
         if settings.reconcile_interval_seconds > 0:
             reconciler = ReconcilerThread(settings, app.state.queue, settings.reconcile_interval_seconds)
@@ -62,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="qdpo", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan)
     app.state.settings = settings
-    app.state.sessions = session_factory(settings.resolved_database_url)
+    app.state.sessions = session_factory(settings.resolved_database_url, settings.database_options())
+    install_request_state(app, settings)
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.queue = JobQueue(settings)
     install_error_handlers(app)

@@ -23,6 +23,11 @@ QUANTS = {
     "int8": {"method": "int8"},
     "rtn3": {"method": "rtn", "bits": 3, "group_size": 64},
     "rtn4": {"method": "rtn", "bits": 4, "group_size": 64},
+    # llama.cpp's own quantizations (qdpo_core.gguf_files); their rows are also measured in llama.cpp itself
+    # (llama-cpp-python), base alone and base + adapter.gguf. Q4_1 is left out on purpose: the bundled
+    # FP weights are a Q4_1 file de-quantized, so re-quantizing them to Q4_1 loses almost nothing.
+    "gguf-q4_0": {"method": "gguf", "type": "Q4_0"},
+    "gguf-q5_0": {"method": "gguf", "type": "Q5_0"},
 }
 # Learning rates from earlier trials on this model: plain DPO ruins it above ~1e-4, KD tolerates 2e-4.
 # Every method starts from the default init (calibrated) unless its preset says otherwise; the
@@ -37,6 +42,7 @@ METHODS = {
     "kd-reverse": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "reverse"}},
     "kd-onpolicy": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_on_policy_fraction": 0.5}},
     "kd-lr5e-4": {"method": "kd", "train": {"learning_rate": 5e-4}},
+    "kd-all": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_positions": "all"}},
     "qdpo+nll-rinit": {"method": "qdpo", "train": {"learning_rate": 2e-4, "nll_weight": 1.0}, "generation": {"rejected_model": "init"}},
     "auto": {"method": "auto", "train": {"learning_rate": 2e-4}},
     "qdpo": {"method": "qdpo", "train": {"learning_rate": 1e-4}},
@@ -178,7 +184,16 @@ def run_one(quant: str, method: str, args) -> dict:
     if not args.no_share:
         store_shared_stages(spec.to_dict(), workdir, cache)
     report = result.report
+    llama_cpp = None
+    if spec.quantization.method == "gguf":
+        from qdpo_core.gguf_runtime import held_out_metrics
+
+        try:
+            llama_cpp = held_out_metrics(workdir, args.max_new_tokens)
+        except ImportError as exc:  # reported in the row, the torch numbers stand on their own
+            print(f"  [{quant}/{method}] not measured in llama.cpp: {exc}", flush=True)
     return {
+        "llama_cpp": llama_cpp,
         "quant": quant,
         "method": method,
         "fp": report["fp"],
@@ -220,6 +235,12 @@ def table(rows: list[dict]) -> str:
             + " | ".join(cells)
             + f" | {_fmt(closed.get('token_flip_rate'), True)} / {_fmt(closed.get('kl'), True)} | {row['selected_checkpoint']} | {timing} |"
         )
+        for label, metrics in (("PTQ-only", "ptq"), (row["method"], "aligned")) if row.get("llama_cpp") else ():
+            if label == "PTQ-only" and (row["quant"], "llama.cpp PTQ") in seen_baselines:
+                continue
+            seen_baselines.add((row["quant"], "llama.cpp PTQ"))
+            cells = [_fmt(row["llama_cpp"][metrics].get(c), c in ("token_flip_rate", "exact_match")) for c in COLUMNS]
+            lines.append(f"| {row['quant']} | {label} in llama.cpp | " + " | ".join(cells) + " | | | |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ SELECTION_METRICS = ("kl", "token_flip_rate")
 INITS = ("identity", "svd", "calibrated")  # qdpo_core.calibrate implements them
 KD_OBJECTIVES = ("forward", "reverse", "cakld")
 REJECTED_MODELS = ("init", "ptq")
+KD_POSITIONS = ("answer", "all")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 LABELER_KINDS = ("local", "openai")
 RESPONSE_MODELS = ("quantized", "fp")
@@ -505,6 +506,11 @@ class TrainSpec(_Spec):
         "Distillation: share of each epoch's sequences that are the model's own greedy answers, scored by the FP model (GKD-style on-policy); 0 = only FP answers.",
         default=0.0,
     )
+    kd_positions: str = _help(
+        "Distillation: which positions are matched to the FP model: 'answer' (the answer tokens) or 'all' (the prompt's tokens too: more signal from the same forward pass).",
+        choices=KD_POSITIONS,
+        default="answer",
+    )
 
     def __post_init__(self) -> None:
         p = "train"
@@ -556,6 +562,7 @@ class TrainSpec(_Spec):
         )
         _check_int(self.init_max_full_gram_dim, f"{p}.init_max_full_gram_dim", 0, 65536)
         _check_choice(self.kd_objective, f"{p}.kd_objective", KD_OBJECTIVES)
+        _check_choice(self.kd_positions, f"{p}.kd_positions", KD_POSITIONS)
         _check(
             _is_number(self.kd_on_policy_fraction) and 0 <= self.kd_on_policy_fraction <= 1,
             f"{p}.kd_on_policy_fraction",

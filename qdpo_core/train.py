@@ -238,8 +238,12 @@ class Trainer:
         if self.objective == "kd":
             answers = [self.on_policy.get(i, e["chosen_ids"]) for i, e in zip(indices, ex)]
             batch = collate(prompts, answers, self.pad_id).to(self.device)
+            if self.spec.kd_positions == "all":  # every real token after the first is predicted and matched, prompt included
+                matched = batch.attention_mask.clone()
+                matched[:, 0] = 0
+                batch = SequenceBatch(batch.input_ids, batch.attention_mask, matched)
             keep = scored_width(batch)
-            logits, _, mask = response_logits(self.policy, batch, keep)  # (B, K-1, V): answer positions only
+            logits, _, mask = response_logits(self.policy, batch, keep)  # (B, K-1, V): the matched positions only
             cacheable = [i not in self.on_policy for i in indices]  # the model's own answers change every epoch
             loss = self._kd_term(logits, mask, batch, keep, indices if all(cacheable) else None)
             return loss, {"loss": loss.item(), "kd_loss": loss.item()}

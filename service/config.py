@@ -51,6 +51,24 @@ class Settings(BaseSettings):
     bootstrap_api_key: str | None = Field(None, description="When set, `qdpo serve`/`qdpo api` make sure this key exists for tenant 'default'.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     event_stream_poll_seconds: float = Field(0.5, description="How often the SSE event stream polls the database.")
+    api_workers: int = Field(1, ge=1, description="API processes `qdpo api` runs (uvicorn workers; `--workers` overrides).")
+    api_threads: int = Field(40, ge=1, description="Threads per API process for blocking work (database queries, files).")
+    api_key_cache_seconds: float = Field(
+        5.0, ge=0, description="How long an API process trusts a key it has checked; a revoked key stops working within this time (0 = check every request)."
+    )
+
+    # Database connections (API, worker and reconciler alike)
+    db_pool_size: int = Field(10, ge=1, description="Connections each process keeps open to the database; an API process serves this many requests at once.")
+    db_max_overflow: int = Field(10, ge=0, description="Connections a process may open beyond the pool for a moment (probes, event streams, the reconciler).")
+    db_pool_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for a free connection; then the request answers 503.")
+    db_connect_timeout_seconds: int = Field(
+        5, ge=1, description="Longest wait to open a database connection (Postgres); an unreachable database answers 503 after this."
+    )
+    db_statement_timeout_seconds: float = Field(30.0, ge=0, description="Postgres statement_timeout of every session (0 = none).")
+    db_pool_pre_ping: bool = Field(
+        True, description="Test a pooled connection before using it (a connection broken by a database restart is replaced, not failed)."
+    )
+    db_retry_after_seconds: int = Field(5, ge=1, description="Retry-After of a 503 answered because the database is unavailable.")
 
     # Worker and job lifecycle
     worker_concurrency: int = Field(1, description="Jobs one worker process runs at once (one per GPU).")
@@ -110,6 +128,19 @@ class Settings(BaseSettings):
             allow_private=self.outbound_allow_private,
             allowed_networks=tuple(self.outbound_allowed_networks),
             how_to_allow="ask the operator to allow its network (QDPO_OUTBOUND_ALLOWED_NETWORKS, or QDPO_OUTBOUND_ALLOW_PRIVATE=true)",
+        )
+
+    def database_options(self):
+        """The connection settings every engine of this deployment uses (service.db)."""
+        from service.db import DatabaseOptions
+
+        return DatabaseOptions(
+            pool_size=self.db_pool_size,
+            max_overflow=self.db_max_overflow,
+            pool_timeout=self.db_pool_timeout_seconds,
+            connect_timeout=self.db_connect_timeout_seconds,
+            statement_timeout=self.db_statement_timeout_seconds,
+            pre_ping=self.db_pool_pre_ping,
         )
 
     @property

@@ -2,21 +2,59 @@
 
 SQLite gets WAL mode and a busy timeout because the API and the worker write to the same file
 from different processes; without them a writer would fail at once instead of waiting its turn.
+
+Postgres connections are bounded in time (`DatabaseOptions`, from the QDPO_DB_* settings): opening
+one gives up after `connect_timeout`, a statement after `statement_timeout`, a wait for a pooled
+connection after `pool_timeout`, and TCP keepalives notice a peer that vanished. An unreachable
+database therefore fails fast, and `database_unavailable` turns such failures into the service's
+`Unavailable` error (503 in the API) instead of a hang or a 500.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from service.errors import Unavailable
 
-def make_engine(url: str, pooled: bool = True) -> Engine:
+
+@dataclass(frozen=True)
+class DatabaseOptions:
+    """Pool and timeouts of one engine (`Settings.database_options()`); the defaults are the settings' defaults."""
+
+    pool_size: int = 10
+    max_overflow: int = 10
+    pool_timeout: float = 10.0
+    connect_timeout: int = 5
+    statement_timeout: float = 30.0
+    pre_ping: bool = True
+
+    def postgres_connect_args(self) -> dict:
+        args = {
+            "connect_timeout": self.connect_timeout,
+            # a peer that vanished (network partition, dead host) is noticed in seconds, not hours
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": (self.connect_timeout + 5) * 1000,
+        }
+        if self.statement_timeout > 0:
+            args["options"] = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
+        return args
+
+
+def make_engine(url: str, pooled: bool = True, options: DatabaseOptions | None = None) -> Engine:
     """`pooled=False` for one-off runs (migrations, commands) that should leave no connections behind."""
+    options = options or DatabaseOptions()
     pool_args = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         from pathlib import Path
@@ -27,9 +65,18 @@ def make_engine(url: str, pooled: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool_args)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    if not pooled:
-        return create_engine(url, **pool_args)
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    connect_args = options.postgres_connect_args() if make_url(url).get_backend_name() == "postgresql" else {}
+    if not pooled:  # migrations and commands may take their time, but not to find the database gone
+        connect_args.pop("options", None)
+        return create_engine(url, connect_args=connect_args, **pool_args)
+    return create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=options.pre_ping,
+        pool_size=options.pool_size,
+        max_overflow=options.max_overflow,
+        pool_timeout=options.pool_timeout,
+    )
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -40,20 +87,24 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-@lru_cache(maxsize=8)
-def engine_for(url: str) -> Engine:
-    """One engine (one pool) per database URL and process."""
-    return make_engine(url)
+@lru_cache(maxsize=16)
+def engine_for(url: str, options: DatabaseOptions | None = None) -> Engine:
+    """One engine (one pool) per database URL, options and process; no options: the deployment's settings."""
+    if options is None:
+        from service.config import get_settings
+
+        return engine_for(url, get_settings().database_options())
+    return make_engine(url, options=options)
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+def session_factory(url: str, options: DatabaseOptions | None = None) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine_for(url, options), expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(url: str, options: DatabaseOptions | None = None) -> Iterator[Session]:
     """A session that commits on success and rolls back on error (for workers and commands)."""
-    session = session_factory(url)()
+    session = session_factory(url, options)()
     try:
         yield session
         session.commit()
@@ -62,3 +113,23 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def database_unavailable(exc: BaseException, retry_after: int = 5) -> Unavailable | None:
+    """The `Unavailable` error for a failure that means "the database cannot serve right now", else None.
+
+    Unreachable, restarting or refusing connections, a connection broken mid-statement, a statement
+    timeout, every pooled connection busy for `pool_timeout`: retrying later can succeed. Anything
+    else (a constraint violation, a bad statement) is a bug or a conflict and stays what it is.
+    """
+    if isinstance(exc, sa_exc.TimeoutError):
+        reason = "every database connection of this server is busy"
+    elif isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)) or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated):
+        reason = "the database cannot be reached"
+    else:
+        return None
+    return Unavailable(f"{reason}; try again in {retry_after} s", code="database_unavailable", retry_after=retry_after)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    return database_unavailable(exc) is not None

@@ -17,9 +17,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from service.db import database_unavailable
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,20 @@ async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
     return ErrorJSONResponse(status_code=status_of(exc), content={"error": exc.to_dict()}, headers=headers)
 
 
+async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+    """The database is unreachable, restarting or saturated: 503 with Retry-After, as any Unavailable.
+
+    Handled here rather than by the catch-all below, which answers and then re-raises (so the
+    server closes the client's keep-alive connection); this answer leaves the connection usable.
+    """
+    settings = getattr(request.app.state, "settings", None)
+    unavailable = database_unavailable(exc, retry_after=getattr(settings, "db_retry_after_seconds", 5))
+    if unavailable is None:
+        return await _unexpected(request, exc)
+    log.warning("database unavailable for %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0][:300])
+    return await _service_error(request, unavailable)
+
+
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
@@ -159,6 +175,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(SQLAlchemyError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 import pytest
 
 from .helpers import PROMPTS, error_of, jsonl, raw, upload
+from .infra import wait_for
 
 pytestmark = pytest.mark.service
 
@@ -39,6 +41,12 @@ def test_a_revoked_key_stops_working(api_deployment):
         assert client.get("/v1/jobs").status_code == 200
         with session_factory(api_deployment.settings.resolved_database_url)() as session:
             keys_crud.revoke_key(session, key_id=record.id)
+        # An API process trusts a key it has checked for QDPO_API_KEY_CACHE_SECONDS; no longer than that.
+        revoked = time.monotonic()
+        wait_for(
+            lambda: client.get("/v1/jobs").status_code == 401, api_deployment.settings.api_key_cache_seconds + 5, 0.2, what="the revoked key to be refused"
+        )
+        assert time.monotonic() - revoked <= api_deployment.settings.api_key_cache_seconds + 1
         assert error_of(client.get("/v1/jobs"), 401)["code"] == "invalid_api_key"
 
 

@@ -174,3 +174,16 @@ def test_teacher_logits_reused_across_epochs_give_the_same_training(tiny_model_d
         a, b = _adapter(tmp_path / f"{objective}-cached" / "best"), _adapter(tmp_path / f"{objective}-plain" / "best")
         for name in a:
             assert torch.allclose(a[name], b[name], atol=1e-6), (objective, name)
+
+
+def test_kd_on_all_positions_matches_the_prompt_too(tiny_model_dir, tokenizer, examples, tmp_path):
+    answer_only = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "a", TrainSpec(epochs=1, select_best=False), objective="kd")
+    everywhere = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "b", TrainSpec(epochs=1, select_best=False, kd_positions="all"), objective="kd")
+    with torch.no_grad():
+        answer_only.batch_loss([0, 1], None)
+        everywhere.batch_loss([0, 1], None)
+    matched = {i: t.shape[0] for i, t in everywhere.teacher_cache.items()}
+    answers = {i: t.shape[0] for i, t in answer_only.teacher_cache.items()}
+    for i in (0, 1):
+        assert answers[i] == len(examples[i]["chosen_ids"])
+        assert matched[i] == len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"]) - 1  # every token but the first
