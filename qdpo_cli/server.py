@@ -37,6 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     api = sub.add_parser("api", help="serve the REST API only (production: run `qdpo migrate` first)")
     api.add_argument("--host")
     api.add_argument("--port", type=int)
+    api.add_argument("--workers", type=int, help="API processes (default QDPO_API_WORKERS, 1); about one per CPU core")
     api.set_defaults(handler=cmd_api)
     worker = sub.add_parser("worker", help="run a Celery worker for jobs")
     worker.add_argument("--concurrency", type=int, help="jobs at once (default QDPO_WORKER_CONCURRENCY)")
@@ -200,17 +201,26 @@ def _stop(process: subprocess.Popen) -> None:
 
 def cmd_api(args) -> int:
     settings = _settings()
-    return _run_api(settings, args.host or settings.host, args.port or settings.port)
+    workers = args.workers or settings.api_workers
+    if workers < 1:
+        raise CommandError(f"--workers {workers}: give at least 1 API process")
+    return _run_api(settings, args.host or settings.host, args.port or settings.port, workers=workers)
 
 
-def _run_api(settings, host: str, port: int) -> int:
+def _run_api(settings, host: str, port: int, workers: int = 1) -> int:
     import uvicorn
 
     from api.main import create_app
 
     if settings.bootstrap_api_key:
         ensure_embedded_key(settings)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+    else:
+        # Several processes share the port; each builds the app from the same QDPO_* environment
+        # (api.main.create_app with no arguments) with its own connection pool and reconciler thread
+        # (reconciler passes are compare-and-sets: running several at once does nothing twice).
+        uvicorn.run("api.main:create_app", factory=True, workers=workers, host=host, port=port, log_level="info", proxy_headers=True)
     return 0
 
 

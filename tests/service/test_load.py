@@ -11,14 +11,20 @@ is left idle in a transaction.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
 from .conftest import _deployment, _teardown
+from .infra import wait_for
 
 pytestmark = pytest.mark.service
 CLIENTS = 64
@@ -85,3 +91,52 @@ def test_64_concurrent_clients_are_all_answered(small_pool_deployment):
             {"db": database},
         ).scalar()
     assert idle_in_transaction == 0
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_qdpo_api_runs_several_processes(api_deployment, tenant_key):
+    """`qdpo api --workers 2`: two server processes behind one port, each answering with its own pool."""
+    from qdpo_cli.demo import free_port
+
+    from .infra import REPO
+
+    port = free_port()
+    env = {**api_deployment.env, "QDPO_RECONCILE_INTERVAL_SECONDS": "0"}
+    command = [sys.executable, "-m", "qdpo_cli.main", "api", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert server.poll() is None, f"qdpo api exited with {server.returncode}"
+            try:
+                return httpx.get(f"{base_url}/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 60, 0.3, what="qdpo api --workers 2")
+        wait_for(lambda: len(_children(server.pid)) >= 2, 30, 0.3, what="two API processes")
+
+        async def crowd():
+            async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {tenant_key}"}, timeout=120) as http:
+                return await asyncio.gather(*(http.get("/v1/jobs", params={"limit": 5}) for _ in range(CLIENTS)))
+
+        assert {response.status_code for response in asyncio.run(crowd())} == {200}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
