@@ -199,7 +199,7 @@ def due_deliveries(session: Session, *, now: datetime, limit: int, skip_endpoint
     if skip_endpoints:
         query = query.where(WebhookDelivery.endpoint_pk.not_in(skip_endpoints))
     rows = session.execute(query.order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.pk).limit(limit)).all()
-    session.rollback()  # read-only: hold no snapshot between polls
+    session.commit()  # end the read (the rows stay loaded: sessions do not expire on commit)
     return [(row[0], row[1]) for row in rows]
 
 

@@ -362,10 +362,10 @@
       cancel.disabled = false;
       const links = [];
       if (job.adapter) links.push(downloadButton("Download adapter", job.adapter.url, `${job.id}-adapter.tar.gz`, job.adapter.bytes));
-      for (const [name, artifact] of Object.entries(job.downloads || {})) { // e.g. GGUF files, where the deployment offers them
-        if (artifact && artifact.url) links.push(downloadButton(`Download ${artifact.label || name}`, artifact.url, artifact.filename || `${job.id}-${name}`, artifact.bytes));
+      if (job.status === "succeeded" && job.quantization && job.quantization.method === "gguf") { // llama.cpp's files (a registered GGUF base is the user's own: 409 says so)
+        links.push(downloadButton("Download GGUF adapter", `/v1/jobs/${job.id}/gguf/adapter`, `${job.id}-adapter.gguf`));
+        links.push(downloadButton("Download GGUF model", `/v1/jobs/${job.id}/gguf/model`, `${job.id}-model.gguf`));
       }
-      if (job.gguf && job.gguf.url) links.push(downloadButton("Download GGUF", job.gguf.url, job.gguf.filename || `${job.id}.gguf`, job.gguf.bytes));
       downloads.replaceChildren(...links);
       errorBox.hidden = !job.error;
       errorBox.textContent = job.error ? `${job.error.code}: ${job.error.message}` + (job.error.param ? ` (field: ${job.error.param})` : "") : "";
@@ -382,8 +382,10 @@
         const text = button.textContent;
         button.textContent = "Downloading…";
         try {
-          const blob = await (await request(url)).blob();
-          const link = el("a", { href: URL.createObjectURL(blob), download: filename });
+          const response = await request(url);
+          const named = /filename="?([^";]+)"?/.exec(response.headers.get("content-disposition") || "");
+          const blob = await response.blob();
+          const link = el("a", { href: URL.createObjectURL(blob), download: named ? named[1] : filename });
           document.body.append(link);
           link.click();
           link.remove();
