@@ -224,6 +224,39 @@ def test_the_job_page_draws_the_run_and_shows_the_report(worker_deployment, fini
         page.screenshot(path=target, full_page=True)
 
 
+def test_numbers_are_formatted_as_report_md_formats_them(api_deployment, session):
+    """Python rounds the exact binary value half to even ("{:.1%}" of 0.90625 is 90.6%); JavaScript's toFixed does not."""
+    browser = session(api_deployment.base_url)
+    browser.page.goto(api_deployment.base_url + "/dashboard/")
+    browser.page.wait_for_function("window.qdpoDashboard && window.qdpoDashboard.formatValue")
+    values = [
+        0.0,
+        -0.0,
+        1.0,
+        0.90625,
+        0.90675,
+        0.125,
+        0.375,
+        0.0625,
+        0.004,
+        -0.004,
+        -0.25,
+        0.9999,
+        2.5,
+        3.5,
+        1234.56785,
+        32561.575746600396,
+        1e-9,
+        -1.5,
+        0.045,
+        None,
+    ]
+    patterns = ["{:.1%}", "{:.0%}", "{:.4f}", "{:.3f}"]
+    cases = [(v, p) for v in values for p in patterns]
+    shown = browser.page.evaluate("(cases) => cases.map(([v, p]) => window.qdpoDashboard.formatValue(v, p))", cases)
+    assert shown == [_python_format(v, p) for v, p in cases]
+
+
 def test_the_cancel_button_cancels_and_the_jobs_page_follows(api_deployment, session):
     """On the API-only deployment (no worker) a job stays queued until it is cancelled from the page."""
     key = api_deployment.new_key(f"dash-{secrets.token_hex(3)}")

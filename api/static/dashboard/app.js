@@ -36,7 +36,7 @@
   const REF = { fp: "#1a7f37", ptq: "#d1242f", line: "#1f6feb", selected: "#bf8700" };
 
   const state = { key: sessionStorage.getItem(KEY_STORAGE), dispose: null };
-  const exposed = (window.qdpoDashboard = { charts: {}, ready: false });
+  const exposed = (window.qdpoDashboard = { charts: {}, ready: false }); // for tests and the curious: the charts drawn, whether the view loaded
   const $ = (id) => document.getElementById(id);
   const apiBase = new URL("../", window.location.href); // the dashboard lives at <api>/dashboard/
 
@@ -90,6 +90,8 @@
     if (kind === "%") return pyFixed(Math.abs(value) < 0.005 ? 0 : value, Number(digits), 2) + "%";
     return pyFixed(value, Number(digits), 0);
   }
+
+  exposed.formatValue = formatValue;
 
   const percent = (value, digits = 0) => (value === null || value === undefined ? "–" : formatValue(value, `{:.${digits}%}`));
   const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() : "–");
