@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     cancel_poll_seconds: float = Field(1.0, description="How often a running job checks the database for a cancel request.")
     max_attempts: int = Field(3, description="Runs of one job (first run + retries after internal errors or lost workers) before it fails.")
     retry_backoff_seconds: float = Field(10.0, description="Delay before re-running a job after an internal error (doubles each attempt).")
+    db_outage_wait_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How long a worker keeps trying to record a finished job while the database is unreachable (its events wait in a spool meanwhile).",
+    )
     visibility_timeout_seconds: int = Field(
         7 * 24 * 3600, description="Redis broker: an unacknowledged job message is redelivered after this long; keep it longer than any job."
     )

@@ -115,7 +115,10 @@ class Job(Base):
 
 class JobEvent(Base):
     __tablename__ = "job_events"
-    __table_args__ = (UniqueConstraint("job_pk", "seq", name="uq_job_events_job_seq"),)
+    __table_args__ = (
+        UniqueConstraint("job_pk", "seq", name="uq_job_events_job_seq"),
+        UniqueConstraint("job_pk", "idempotency_key", name="uq_job_events_job_key"),
+    )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_pk: Mapped[int] = mapped_column(ForeignKey("jobs.pk", ondelete="CASCADE"))
@@ -128,6 +131,8 @@ class JobEvent(Base):
     step: Mapped[int | None] = mapped_column(Integer)
     total: Mapped[int | None] = mapped_column(Integer)
     data: Mapped[dict] = mapped_column(JSONType, default=dict)
+    # set by a writer that may write the same event twice (the worker's recorder): unique per job, never shown
+    idempotency_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class JobMetric(Base):

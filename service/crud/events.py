@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -59,13 +60,22 @@ def add_event(
     step: int | None = None,
     total: int | None = None,
     data: dict | None = None,
+    key: str | None = None,
+    created_at: datetime | None = None,
 ) -> int | None:
     """Add one event to the job's log, in the caller's transaction; returns its number (None: no such job).
 
     The only way events are written (lifecycle events from service.crud.jobs, pipeline events from
     the worker's recorder). The number comes from the job row's counter, incremented by one UPDATE,
     so concurrent writers get distinct, gap-free numbers and the row lock orders them.
+
+    `key` makes the write idempotent: an event with the same key already in the job's log is not
+    added again (its number is returned), so a writer that cannot tell whether its commit landed
+    (the database went away meanwhile) can simply write again. `created_at` is when it happened,
+    for an event written later than that (from the worker's spool).
     """
+    if key is not None and (existing := seq_of_key(session, job_pk=job_pk, key=key)) is not None:
+        return existing
     increment = (
         update(Job)
         .where(Job.pk == job_pk)
@@ -76,10 +86,18 @@ def add_event(
     seq = session.execute(increment).scalar()
     if seq is None:  # deleted meanwhile
         return None
-    session.add(
-        JobEvent(job_pk=job_pk, seq=seq, type=type, stage=stage, level=level, message=storable(message), step=step, total=total, data=storable(data or {}))
-    )
+    event = JobEvent(job_pk=job_pk, seq=seq, type=type, stage=stage, level=level, message=storable(message), step=step, total=total, data=storable(data or {}))
+    if key is not None:
+        event.idempotency_key = key
+    if created_at is not None:
+        event.created_at = created_at
+    session.add(event)
     return seq
+
+
+def seq_of_key(session: Session, *, job_pk: int, key: str) -> int | None:
+    """The number of the job's event written with this idempotency key, if there is one."""
+    return session.scalar(select(JobEvent.seq).where(JobEvent.job_pk == job_pk, JobEvent.idempotency_key == key))
 
 
 def list_events(session: Session, *, job_pk: int, after_seq: int, limit: int, types: list[str] | None = None) -> tuple[list[JobEvent], bool]:
