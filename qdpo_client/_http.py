@@ -1,6 +1,8 @@
 """HTTP plumbing shared by the sync and async clients: auth, retries, error mapping.
 
-Retried (exponential backoff with jitter): connection failures, timeouts, 429 and 5xx answers.
+Retried (exponential backoff with jitter): connection failures, timeouts, 429 and 5xx answers —
+a 503 `database_unavailable` among them. When the server says when to come back (`Retry-After`,
+in seconds), the next try waits at least that long (at most RETRY_AFTER_MAX_S).
 Job creation is retried safely because every create sends an Idempotency-Key.
 """
 
@@ -10,7 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import httpx
-from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
 
 from qdpo_client.config import Connection, resolve_connection
 from qdpo_client.errors import APIConnectionError, APIError, AuthenticationError, error_for
@@ -22,10 +25,34 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and (exc.status_code >= 500 or exc.status_code == 429)
 
 
+RETRY_AFTER_MAX_S = 30.0
+
+
+class wait_retry_after(wait_base):
+    """The backoff's wait, or the server's Retry-After when that is longer (capped)."""
+
+    def __init__(self, backoff: wait_base):
+        self.backoff = backoff
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = self.backoff(retry_state)
+        exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        hint = getattr(exc, "retry_after", None)
+        return max(wait, min(hint, RETRY_AFTER_MAX_S)) if hint else wait
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except ValueError:  # absent, or an HTTP date: the backoff decides
+        return None
+    return value if value >= 0 else None
+
+
 def _retry_policy(max_retries: int) -> dict:
     return {
         "stop": stop_after_attempt(max_retries + 1),
-        "wait": wait_exponential_jitter(initial=0.5, max=8),
+        "wait": wait_retry_after(wait_exponential_jitter(initial=0.5, max=8)),
         "retry": retry_if_exception(_retryable),
         "reraise": True,
     }
@@ -37,7 +64,9 @@ def raise_for_error(response: httpx.Response) -> httpx.Response:
             body = response.json()
         except ValueError:
             body = response.text
-        raise error_for(response.status_code, body)
+        error = error_for(response.status_code, body)
+        error.retry_after = _retry_after(response)
+        raise error
     return response
 
 

@@ -291,3 +291,23 @@ def test_a_database_outage_mid_training_is_a_503_and_loses_no_history(outage_dep
     assert created == sorted(created)  # spooled events keep the time they happened
     log = deployment.worker.log_path.read_text(errors="replace")
     assert "keeping events in the spool" in log and "could not record event" not in log
+
+
+def test_the_client_waits_as_long_as_retry_after_says():
+    """A 503's Retry-After sets the client's next wait (capped), the backoff applies otherwise."""
+    from tenacity import RetryCallState, Retrying
+    from tenacity.wait import wait_fixed
+
+    from qdpo_client._http import RETRY_AFTER_MAX_S, wait_retry_after
+    from qdpo_client.errors import error_for
+
+    def wait_after(retry_after: float | None) -> float:
+        error = error_for(503, {"error": {"code": "database_unavailable", "message": "try again in 3 s", "param": None}})
+        error.retry_after = retry_after
+        state = RetryCallState(Retrying(), None, (), {})
+        state.set_exception((type(error), error, None))
+        return wait_retry_after(wait_fixed(0.5))(state)
+
+    assert wait_after(3) == 3
+    assert wait_after(None) == 0.5 and wait_after(0.1) == 0.5
+    assert wait_after(3600) == RETRY_AFTER_MAX_S
