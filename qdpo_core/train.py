@@ -27,6 +27,8 @@ from qdpo_core.events import Emitter
 from qdpo_core.losses import dpo_loss, kd_loss, nll_loss
 from qdpo_core.tokens import SequenceBatch, collate, response_logits, scored_width, target_logps
 
+BUCKET_BATCHES = 8  # optimizer steps whose examples are sorted by length together (see Trainer.epoch_order)
+
 
 @dataclass
 class TrainResult:
@@ -170,11 +172,26 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[list[int]]:
-        """Micro-batches of example indices; the shuffle depends only on (seed, epoch) so resume sees the same order."""
+        """Micro-batches of example indices; the shuffle depends only on (seed, epoch) so resume sees the same order.
+
+        Examples are shuffled, then sorted by length within windows of BUCKET_BATCHES optimizer
+        steps, so a step holds sequences of similar length (little padding); the steps are shuffled
+        again, so the order of lengths is random too. A step's examples do not depend on how it is
+        split into micro-batches (gradient accumulation gives the same groups).
+        """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.examples), generator=generator).tolist()
-        size = self.spec.batch_size
-        return [order[i : i + size] for i in range(0, len(order), size)]
+        size, accumulation = self.spec.batch_size, self.spec.gradient_accumulation_steps
+        step = size * accumulation
+        window = step * BUCKET_BATCHES
+        bucketed = [i for start in range(0, len(order), window) for i in sorted(order[start : start + window], key=self._length)]
+        steps = [bucketed[i : i + step] for i in range(0, len(bucketed), step)]
+        shuffled = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+        return [group[i : i + size] for group in shuffled for i in range(0, len(group), size)]
+
+    def _length(self, index: int) -> int:
+        example = self.examples[index]
+        return len(example["prompt_ids"]) + max(len(example.get("chosen_ids", ())), len(example.get("rejected_ids", ())))
 
     def reference_logps(self) -> dict[str, list[float]]:
         """Log-probs of chosen and rejected answers under the starting model, computed once.

@@ -80,7 +80,7 @@ def test_resume_from_checkpoint_reaches_the_same_adapter(tiny_model_dir, tokeniz
     a, b = _adapter(tmp_path / "straight" / "best"), _adapter(tmp_path / "resumed" / "best")
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6), name
+        assert torch.allclose(a[name], b[name], atol=1e-6), (name, (a[name] - b[name]).abs().max())
     assert resumed.history[-1]["loss"] == pytest.approx(straight.history[-1]["loss"], abs=1e-5)
 
 
@@ -90,8 +90,8 @@ def test_gradient_accumulation_equals_a_larger_batch(tiny_model_dir, tokenizer, 
     _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "big", big).run()
     _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "small", small).run()
     a, b = _adapter(tmp_path / "big" / "best"), _adapter(tmp_path / "small" / "best")
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    for name in a:  # equal up to float32 summation order
+        assert torch.allclose(a[name], b[name], atol=1e-5), (name, (a[name] - b[name]).abs().max())
 
 
 def test_best_checkpoint_is_kept_and_identity_when_nothing_beats_ptq(tiny_model_dir, tokenizer, examples, tmp_path):
@@ -187,3 +187,21 @@ def test_kd_on_all_positions_matches_the_prompt_too(tiny_model_dir, tokenizer, e
     for i in (0, 1):
         assert answers[i] == len(examples[i]["chosen_ids"])
         assert matched[i] == len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"]) - 1  # every token but the first
+
+
+def test_epoch_order_covers_every_example_once_with_little_padding(tiny_model_dir, tokenizer, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    many = []
+    for _ in range(64):
+        prompt = encode_prompt(tokenizer, [{"role": "user", "content": "word " * int(torch.randint(1, 40, (1,), generator=generator))}], 128).ids
+        many.append({"prompt_ids": prompt, "chosen_ids": [5] * int(torch.randint(1, 30, (1,), generator=generator)), "rejected_ids": [6, 7]})
+    trainer = _trainer(tiny_model_dir, tokenizer, many, tmp_path, TrainSpec(batch_size=4))
+    order = trainer.epoch_order(0)
+    assert sorted(i for batch in order for i in batch) == list(range(64))
+    assert order == trainer.epoch_order(0) and order != trainer.epoch_order(1)  # reproducible per epoch, different across epochs
+
+    def padding(batches):
+        return sum(max(map(trainer._length, b)) * len(b) - sum(map(trainer._length, b)) for b in batches)
+
+    shuffled = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding(order) < 0.5 * padding([shuffled[i : i + 4] for i in range(0, 64, 4)])
