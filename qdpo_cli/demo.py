@@ -3,7 +3,9 @@
     python -m qdpo_cli.demo
 
 1. starts the embedded service (`qdpo serve`: SQLite, filesystem broker, one worker process);
-2. creates a QDPO job on the bundled SmolLM2-135M-Instruct through the REST API (built-in prompts);
+2. creates a job on the bundled SmolLM2-135M-Instruct through the REST API (built-in prompts): the
+   adapter starts from the calibrated init (the quantization error, training-free) and is then
+   distilled from the full-precision model (KD) — the combination the quality benchmark finds best;
 3. follows it with a progress bar and prints the before/after report;
 4. downloads the adapter (sha256 verified), loads it with peft onto the quantized base and shows one
    held-out answer before and after alignment.
@@ -42,7 +44,7 @@ DEMO_JOB = {
     "dataset": {"max_train_prompts": 16, "max_eval_prompts": 6},
     "generation": {"max_new_tokens": 32},
     "eval": {"max_new_tokens": 32},
-    "method": {"type": "qdpo", "hyperparameters": {"epochs": 3, "batch_size": 4, "learning_rate": 3e-4}},
+    "method": {"type": "kd", "hyperparameters": {"init": "calibrated", "epochs": 3, "batch_size": 4, "learning_rate": 2e-4}},
     "suffix": "demo",
     "metadata": {"started_by": "make demo"},
 }
@@ -118,7 +120,7 @@ def show_before_after(export_dir: Path) -> None:
     console.print(Panel(sample["prompt"], title="held-out prompt"))
     console.print(Panel(sample["fp"], title="full-precision model (the target)", border_style="blue"))
     console.print(Panel(before, title=f"{quantized}, before alignment", border_style="red"))
-    console.print(Panel(after, title=f"{quantized} + QDPO adapter, after", border_style="green"))
+    console.print(Panel(after, title=f"{quantized} + qdpo adapter, after", border_style="green"))
 
 
 def main() -> int:
@@ -132,7 +134,7 @@ def main() -> int:
         with Client(f"http://127.0.0.1:{port}", api_key=key) as client:
             job = client.jobs.create(**DEMO_JOB)
             bits = f" {job.quantization['bits']}-bit" if job.quantization["method"] == "rtn" else ""
-            console.print(f"Created {job.id}: QDPO on {job.model}, {job.quantization['method']}{bits}, built-in prompts. Following it …")
+            console.print(f"Created {job.id}: calibrated init + KD on {job.model}, {job.quantization['method']}{bits}, built-in prompts. Following it …")
             job = client.jobs.wait(job.id, poll_interval=1.0, on_event=print_event)
             console.print(f"\n{job.id} succeeded in {job.finished_at - job.started_at} s as [bold]{job.fine_tuned_model}[/bold]\n")
             console.print(Markdown(client.jobs.report(job.id, markdown=True)))
