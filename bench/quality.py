@@ -37,6 +37,7 @@ METHODS = {
     "init-diag": {"method": "kd", "train": {"epochs": 0, "init_max_full_gram_dim": 0}},
     "init-svd": {"method": "kd", "train": {"epochs": 0, "init": "svd"}},
     "init-r64": {"method": "kd", "train": {"epochs": 0, "lora_rank": 64}},
+    "init-cal256": {"method": "kd", "train": {"epochs": 0, "init_calibration_prompts": 256}},
     "kd-identity": {"method": "kd", "train": {"learning_rate": 2e-4, "init": "identity"}},
     "kd-cakld": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "cakld"}},
     "kd-reverse": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "reverse"}},
