@@ -44,7 +44,17 @@ GGUF_MAGIC = b"GGUF"
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True)}
 EMBEDDING_TYPE = "Q8_0"
 ADAPTER_FILE = "adapter.gguf"
-FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0"}
+# The types write_model writes: the quantized ones a job can ask for, and F32 / F16 (an unquantized GGUF,
+# the input llama.cpp's llama-quantize makes any other type from).
+FILE_TYPES = {
+    "Q4_0": "MOSTLY_Q4_0",
+    "Q4_1": "MOSTLY_Q4_1",
+    "Q5_0": "MOSTLY_Q5_0",
+    "Q5_1": "MOSTLY_Q5_1",
+    "Q8_0": "MOSTLY_Q8_0",
+    "F16": "MOSTLY_F16",
+    "F32": "ALL_F32",
+}
 # GGUF tensors a llama.cpp model may hold that have no Hugging Face weight (computed from the config).
 DERIVED_TENSORS = ("rope_freqs.weight",)
 SKIPPED_HF = (".rotary_emb.inv_freq",)
@@ -280,7 +290,8 @@ def tensor_type(name: str, shape: tuple[int, ...], requested: str) -> str:
 
     if len(shape) < 2 or name.endswith("_norm.weight"):
         return "F32"
-    wanted = EMBEDDING_TYPE if name in ("token_embd.weight", "output.weight") else requested
+    unquantized = requested in ("F32", "F16")
+    wanted = EMBEDDING_TYPE if name in ("token_embd.weight", "output.weight") and not unquantized else requested
     block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[wanted]]
     return wanted if shape[-1] % block == 0 else "F16"
 

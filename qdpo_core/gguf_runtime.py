@@ -102,3 +102,52 @@ def flip_rate(llm: LlamaCpp, prompts: list[list[int]], answers: list[list[int]],
         flips += int((predicted != np.asarray(reference)).sum())
         count += len(answer)
     return {"token_flip_rate": flips / max(count, 1), "tokens": count}
+
+
+def held_out_metrics(workdir: str | Path, max_new_tokens: int, on_prompt=None) -> dict:
+    """A finished GGUF job's held-out metrics measured in llama.cpp: {"ptq": ..., "aligned": ...}.
+
+    For the exported base alone and base + adapter.gguf: token-flip rate and KL(FP ‖ llama.cpp) per
+    answer token, teacher-forced on the FP answers (the FP side is the project's torch teacher), and
+    exact match / ROUGE-L of llama.cpp's own greedy answers against the FP ones.
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from qdpo_core.evaluate import agreement_metrics
+    from qdpo_core.models import load_full_precision, load_tokenizer, resolve_model_dir
+
+    workdir = Path(workdir)
+    export_dir = workdir / "export"
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    base = manifest["gguf"]["base"]
+    if not base.get("included"):
+        raise ValueError(f"the job aligned the registered file {base['file']}; pass that file's directory as the export's")
+    rows = [json.loads(line) for line in (workdir / "baseline" / "fp_responses.jsonl").read_text().splitlines()]
+    model_dir = resolve_model_dir(manifest["base_model"]["name"])
+    teacher, tokenizer = load_full_precision(model_dir, "cpu"), load_tokenizer(model_dir)
+    fp_logits = []
+    for row in rows:
+        with torch.no_grad():
+            logits = teacher(torch.tensor([row["prompt_ids"] + row["ids"]])).logits[0].float()
+        fp_logits.append(torch.log_softmax(logits[len(row["prompt_ids"]) - 1 : -1], -1).numpy())
+    results = {}
+    for label, adapter in (("ptq", None), ("aligned", export_dir / "adapter.gguf")):
+        flips = kl = count = 0.0
+        texts = []
+        with LlamaCpp(export_dir / base["file"], adapter) as llm:
+            for number, (row, fp_logp) in enumerate(zip(rows, fp_logits), start=1):
+                logits = llm.logits(row["prompt_ids"] + row["ids"])[len(row["prompt_ids"]) - 1 : -1]
+                logp = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+                flips += float((logp.argmax(-1) != fp_logp.argmax(-1)).sum())
+                kl += float((np.exp(fp_logp) * (fp_logp - logp)).sum())
+                count += len(row["ids"])
+                answer = llm.greedy(row["prompt_ids"], max_new_tokens, {tokenizer.eos_token_id})
+                texts.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
+                if on_prompt:
+                    on_prompt(label, number, len(rows))
+        results[label] = {"token_flip_rate": flips / max(count, 1), "kl": max(kl / max(count, 1), 0.0), "tokens": int(count)}
+        results[label].update(agreement_metrics([r["text"] for r in rows], texts))
+    return results

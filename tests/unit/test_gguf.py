@@ -27,6 +27,15 @@ from qdpo_core.models import load_full_precision, load_tokenizer, resolve_model_
 from qdpo_core.quantize import load_quantized
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _registry_as_it_was():
+    """Models these tests register are gone afterwards (other tests' deployments share this process's registry)."""
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model_dir, tmp_path_factory):
     """The tiny model's directory with an F32 GGUF of it inside, registered as 'tiny-gguf'."""
