@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     event_stream_poll_seconds: float = Field(0.5, description="How often the SSE event stream polls the database.")
     api_workers: int = Field(1, ge=1, description="API processes `qdpo api` runs (uvicorn workers; `--workers` overrides).")
     api_threads: int = Field(40, ge=1, description="Threads per API process for blocking work (database queries, files).")
+    api_access_log: bool = Field(True, description="Log every request (uvicorn's access log); off when a proxy in front logs them.")
     api_key_cache_seconds: float = Field(
         5.0, ge=0, description="How long an API process trusts a key it has checked; a revoked key stops working within this time (0 = check every request)."
     )
