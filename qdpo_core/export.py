@@ -25,6 +25,7 @@ with its sha256, under `gguf.base` (the service serves it on its own).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from pathlib import Path
 from qdpo_core import __version__, registry
 from qdpo_core.checkpoint import copy_adapter
 from qdpo_core.config import INPUT_FILE_FIELDS, ModelSpec, PipelineSpec, QuantSpec
+from qdpo_core.errors import SpecError
 from qdpo_core.report import markdown_report
 
 FORMAT = "qdpo-adapter/1"
@@ -164,7 +166,7 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
     adapter_dir = target / "adapter"
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("alpha_pattern") or config.get("rank_pattern"):
-        raise ValueError("adapter.gguf: per-layer LoRA ranks or alphas (rank_pattern / alpha_pattern) are not supported")
+        raise SpecError("train.lora_rank: adapter.gguf holds one LoRA alpha; per-layer ranks or alphas cannot be written", param="train.lora_rank")
     alpha = float(config["lora_alpha"])
     state = load_file(adapter_dir / "adapter_model.safetensors")
     lora: dict[str, tuple] = {}
@@ -178,7 +180,10 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
         rank = parts[".lora_A.weight"].shape[0]
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         layers[module] = (parts[".lora_A.weight"], parts[".lora_B.weight"], scaling)
-    ranks = gguf_files.write_adapter(target / gguf_files.ADAPTER_FILE, model_dir, layers, alpha, f"{spec.model.name} qdpo adapter")
+    try:
+        ranks = gguf_files.write_adapter(target / gguf_files.ADAPTER_FILE, model_dir, layers, alpha, f"{spec.model.name} qdpo adapter")
+    except gguf_files.GGUFProblem as exc:  # e.g. an adapter on the output head, which llama.cpp's LoRA cannot hold
+        raise SpecError(f"train.target_modules: {exc}", param="train.target_modules") from None
     adapter_path = target / gguf_files.ADAPTER_FILE
     entry = {
         "adapter": {
@@ -193,13 +198,14 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
     gguf_path, _ = gguf_file_for(model_dir)
     if spec.quantization.type:
         base = target / gguf_files.model_file_name(spec.quantization.type)
-        handles = [safe_open(str(p), framework="pt") for p in sorted(Path(model_dir).glob("*.safetensors"))]
-        where = {key: handle for handle in handles for key in handle.keys()}
+        with contextlib.ExitStack() as stack:  # the FP weights are read one tensor at a time, as they are written
+            handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in sorted(Path(model_dir).glob("*.safetensors"))]
+            where = {key: handle for handle in handles for key in handle.keys()}
 
-        def fp_array(hf_name: str):
-            return where[hf_name].get_tensor(hf_name).to(torch.float32).numpy()
+            def fp_array(hf_name: str):
+                return where[hf_name].get_tensor(hf_name).to(torch.float32).numpy()
 
-        types = gguf_files.write_model(base, gguf_path, model_dir, spec.quantization.type, fp_array)
+            types = gguf_files.write_model(base, gguf_path, model_dir, spec.quantization.type, fp_array)
         entry["base"] = {
             "file": base.name,
             "sha256": sha256_file(base),
