@@ -311,3 +311,22 @@ def test_the_client_waits_as_long_as_retry_after_says():
     assert wait_after(3) == 3
     assert wait_after(None) == 0.5 and wait_after(0.1) == 0.5
     assert wait_after(3600) == RETRY_AFTER_MAX_S
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection_open(api_deployment):
+    """A bug in a route answers the error envelope, and the client's keep-alive connection goes on serving."""
+    from api.main import create_app
+
+    app = create_app(api_deployment.settings)
+
+    @app.get("/v1/broken")
+    def broken() -> dict:
+        raise RuntimeError("a bug")
+
+    server = LiveServer(app).start()
+    try:
+        (status, _, payload), (after, _, health) = raw_exchange(server.url, api_deployment.admin_key, [("GET", "/v1/broken", None), ("GET", "/healthz", None)])
+    finally:
+        server.stop()
+    assert (status, payload["error"]["code"]) == (500, "internal_error") and "a bug" not in payload["error"]["message"]
+    assert (after, health) == (200, {"status": "ok"})
