@@ -44,7 +44,7 @@ METHODS = {
     "kd-onpolicy": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_on_policy_fraction": 0.5}},
     "kd-lr5e-4": {"method": "kd", "train": {"learning_rate": 5e-4}},
     "kd-all": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_positions": "all"}},
-    "qdpo+nll-rinit": {"method": "qdpo", "train": {"learning_rate": 2e-4, "nll_weight": 1.0}, "generation": {"rejected_model": "init"}},
+    "qdpo+nll-rptq": {"method": "qdpo", "train": {"learning_rate": 2e-4, "nll_weight": 1.0}, "generation": {"rejected_model": "ptq"}},
     "auto": {"method": "auto", "train": {"learning_rate": 2e-4}},
     "qdpo": {"method": "qdpo", "train": {"learning_rate": 1e-4}},
     "kd": {"method": "kd", "train": {"learning_rate": 2e-4}},

@@ -316,9 +316,10 @@ class GenerationSpec(_Spec):
     top_p: float = _help("Nucleus sampling mass (when sampling).", default=1.0)
     num_samples: int = _help("QDPO pairs: responses per prompt and model (>1 needs do_sample).", default=1)
     rejected_model: str = _help(
-        "QDPO pairs: who answers as the rejected side: 'init' (the quantized model with the initialised adapter: the model being repaired) or 'ptq' (PTQ-only).",
+        "QDPO pairs: who answers as the rejected side: 'init' (the quantized model with the initialised adapter: the model being repaired; "
+        "measured better, see the README's benchmark) or 'ptq' (PTQ-only, as in the QDPO paper).",
         choices=REJECTED_MODELS,
-        default="ptq",
+        default="init",
     )
 
     def __post_init__(self) -> None:

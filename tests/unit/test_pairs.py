@@ -83,3 +83,29 @@ def test_user_pairs_count_truncated_answers(tokenizer, tmp_path):
     assert summary["responses_truncated"] == 1
     example = json.loads((tmp_path / "pairs.jsonl").read_text())
     assert len(example["chosen_ids"]) == 4
+
+
+@pytest.mark.parametrize("rejected_model", ["init", "ptq"])
+def test_rejected_answers_come_from_the_model_being_repaired_or_ptq_only(tiny_model_dir, tokenizer, tmp_path, rejected_model):
+    from qdpo_core.calibrate import initialise_adapter
+    from qdpo_core.generate import Decoding, generate
+    from qdpo_core.train import make_policy
+
+    spec = PipelineSpec.from_dict(
+        {
+            "model": {"name": str(tiny_model_dir)},
+            "quantization": {"method": "rtn", "bits": 2, "group_size": 32},
+            "generation": {"max_new_tokens": 6, "batch_size": 4, "rejected_model": rejected_model},
+        }
+    )
+    ctx = _ctx(spec, tokenizer, tmp_path)
+    ctx.models.policy = make_policy(ctx.models.student, spec.train, 0)
+    initialise_adapter(ctx.models.policy, ctx.models.teacher, "svd")  # a non-trivial adapter
+    run_source(QdpoPairs(), builtin_prompts("train")[:4], ctx, tmp_path / "pairs.jsonl")
+    example = json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])
+    decoding = Decoding(max_new_tokens=6)
+    with_adapter = generate(ctx.models.policy, tokenizer, [example["prompt_ids"]], decoding)[0].ids
+    with ctx.models.policy.disable_adapter():
+        ptq_only = generate(ctx.models.policy, tokenizer, [example["prompt_ids"]], decoding)[0].ids
+    assert with_adapter != ptq_only  # the adapter changes the answer, so the two sources can be told apart
+    assert example["rejected_ids"] == (with_adapter if rejected_model == "init" else ptq_only)
