@@ -27,7 +27,7 @@ from .infra import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.service
 
-HANG_TIMEOUT = 120.0  # the worker deployment's attempt timeout: longer than the whole tiny job takes
+HANG_TIMEOUT = 300.0  # the worker deployment's attempt timeout: far longer than the whole tiny job takes, even on a busy machine
 
 
 # --- a job run by a real worker, with four receivers -------------------------------------------
@@ -246,7 +246,7 @@ def test_errors_and_timeouts_are_retried_with_back_off_then_given_up(hooks_api, 
     broken, hung = tenant.webhooks.deliveries(failing.id).data[0], tenant.webhooks.deliveries(silent.id).data[0]
     assert broken.job_id == job.id and broken.attempts >= 3 and {a["status_code"] for a in broken.attempt_log} == {500}
     gaps = [b["at"] - a["at"] for a, b in zip(broken.attempt_log, broken.attempt_log[1:])]
-    assert all(later > earlier * 1.5 for earlier, later in zip(gaps, gaps[1:])), gaps  # exponential
+    assert all(gap >= 0.2 * 2**n - 0.01 for n, gap in enumerate(gaps)), gaps  # never sooner than 0.2 s, 0.4 s, 0.8 s, … apart
     assert broken.attempt_log[-1]["at"] - broken.created_at <= 3.0 + 1  # within the retry window
     assert hung.attempts >= 2 and all(a["error"].startswith("timeout") for a in hung.attempt_log)
     assert len({r.webhook_id for r in receiver.requests("/hang")}) == 1 and len(receiver.requests("/hang")) == hung.attempts

@@ -265,7 +265,7 @@
     $("view").replaceChildren(el("h1", { text: "Jobs" }), el("div", { class: "toolbar" }, el("label", { for: "status-filter", text: "Status" }), select, updated), table, more);
 
     const reports = new Map(); // job id -> gap_closed (a finished job's report never changes)
-    let shown = 20, timer = null, stopped = false;
+    let shown = 20, timer = null, stopped = false, lastDrawn = null;
 
     async function gapClosed(job) {
       if (job.status !== "succeeded") return null;
@@ -286,8 +286,14 @@
     async function refresh() {
       try {
         const page = await api(`/v1/jobs?limit=${shown}${status ? `&status=${status}` : ""}`);
-        const rows = await Promise.all(page.data.map(async (job) => {
-          const closed = await gapClosed(job);
+        const closedOf = await Promise.all(page.data.map(gapClosed));
+        const drawn = JSON.stringify([page, closedOf]);
+        updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+        if (stopped) return;
+        if (drawn === lastDrawn) { showBanner(""); return; } // unchanged: keep the rows (and the keyboard focus on them)
+        lastDrawn = drawn;
+        const rows = page.data.map((job, i) => {
+          const closed = closedOf[i];
           return el("tr", { "data-job": job.id },
             el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id }), job.suffix ? el("div", { class: "muted", text: job.suffix }) : null),
             el("td", {}, statusBadge(job.status)),
@@ -297,11 +303,9 @@
             progressCell(job),
             el("td", { text: when(job.created_at) }),
             el("td", { class: "num", text: closed ? `${percent(closed.token_flip_rate)} / ${percent(closed.kl)}` : "" }));
-        }));
-        if (stopped) return;
+        });
         body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: "8", class: "muted", text: status ? `No ${status} jobs.` : "No jobs yet: create one with POST /v1/jobs or `qdpo jobs create`." }))]));
         more.hidden = !page.has_more || shown >= 100;
-        updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
         showBanner("");
         exposed.ready = true;
       } catch (error) {
