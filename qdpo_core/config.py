@@ -389,7 +389,11 @@ class LabelerSpec(_Spec):
 @dataclass
 class RLAIFSpec(_Spec):
     prefix: ClassVar[str] = "rlaif"
-    response_model: str = _help("Which model samples the two responses: 'quantized' or 'fp'.", choices=RESPONSE_MODELS, default="quantized")
+    response_model: str = _help(
+        "Which model samples the two responses: 'quantized' (the model being repaired, with its initialised adapter) or 'fp'.",
+        choices=RESPONSE_MODELS,
+        default="quantized",
+    )
     temperature: float = _help("Sampling temperature of the two responses.", default=1.0)
     min_confidence: float = _help("Drop pairs whose swap-averaged preference p has |p - 0.5| below this.", default=0.1)
     labeler: LabelerSpec = _help("Who judges the pair.", default_factory=LabelerSpec)
@@ -426,7 +430,11 @@ class FactualitySpec(_Spec):
     max_claims: int = _help("Claims scored per response (the first ones).", default=4)
     references: str | None = _help("reference scorer: JSONL of passages ({'text': str}, optional 'title').", default=None)
     passages_per_claim: int = _help("reference scorer: best-matching passages shown to the labeler with each claim.", default=2)
-    response_model: str = _help("Which model samples the responses: 'quantized' or 'fp'.", choices=RESPONSE_MODELS, default="quantized")
+    response_model: str = _help(
+        "Which model samples the responses: 'quantized' (the model being repaired, with its initialised adapter) or 'fp'.",
+        choices=RESPONSE_MODELS,
+        default="quantized",
+    )
     labeler: LabelerSpec = _help("Model that asks/answers claim questions or judges support.", default_factory=LabelerSpec)
 
     def __post_init__(self) -> None:

@@ -213,8 +213,8 @@ class Run:
             emitter.log("train.epochs is 0: no training, so no pairs are built")
             return {"source": self.spec.method, "skipped": "train.epochs is 0", "examples": 0}
 
-        if self.spec.method in ("qdpo", "auto") and self.spec.generation.rejected_model == "init":
-            self.initialised_policy()  # the rejected answers come from the model being repaired
+        if self.spec.method in ("rlaif", "factuality") or (self.spec.method in ("qdpo", "auto") and self.spec.generation.rejected_model == "init"):
+            self.initialised_policy()  # the answers come from the model being repaired, in this process or after a resume alike
         records = load_jsonl(self.workdir / "data" / "train.jsonl")
         ctx = PairContext(self.spec, self.models.tokenizer, self.models, emitter, self.workdir, self.should_cancel)
         auto = self.spec.method == "auto"

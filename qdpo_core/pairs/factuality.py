@@ -163,7 +163,7 @@ class FactualityPairs:
         scorer = self.scorer(ctx)
         prompt_ids = ctx.encode_prompts(records)
         n = f.num_samples
-        responder = ctx.models.student if f.response_model == "quantized" else ctx.models.teacher
+        responder = (ctx.models.policy or ctx.models.student) if f.response_model == "quantized" else ctx.models.teacher  # quantized: the model being repaired
         decoding = Decoding(max_new_tokens=generation.max_new_tokens, do_sample=True, temperature=f.temperature, top_p=generation.top_p)
         # row r answers prompt r // n: the n samples of a prompt are neighbours
         answers = ctx.answer(responder, [ids for ids in prompt_ids for _ in range(n)], decoding, ctx.spec.seed + first_index)

@@ -42,7 +42,9 @@ class RLAIFPairs:
     def build_chunk(self, records: list[dict], first_index: int, ctx: PairContext) -> list[dict]:
         rlaif, generation = ctx.spec.rlaif, ctx.spec.generation
         prompt_ids = ctx.encode_prompts(records)
-        responder = ctx.models.student if rlaif.response_model == "quantized" else ctx.models.teacher
+        responder = (
+            (ctx.models.policy or ctx.models.student) if rlaif.response_model == "quantized" else ctx.models.teacher
+        )  # quantized: the model being repaired
         decoding = Decoding(max_new_tokens=generation.max_new_tokens, do_sample=True, temperature=rlaif.temperature, top_p=generation.top_p)
         # both answers of every prompt in one batch: rows [0, n) are the first samples, [n, 2n) the second
         answers = ctx.answer(responder, prompt_ids + prompt_ids, decoding, ctx.spec.seed + first_index)
