@@ -102,6 +102,7 @@ def list_webhooks(tenant: CurrentTenant, session: SessionDep) -> Page[WebhookPub
 
 @router.get("/{webhook_id}", response_model=WebhookPublic, responses=error_responses(401, 404))
 def get_webhook(webhook_id: str, tenant: CurrentTenant, session: SessionDep) -> WebhookPublic:
+    """One of your endpoints: its URL, events and description (the secret is not shown again)."""
     return webhook_public(get_tenant_endpoint(session, tenant, webhook_id))
 
 

@@ -31,7 +31,7 @@ def test_create_fills_every_default_and_queues(http, api_deployment):
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["id"].startswith("job_") and job["object"] == "job" and job["status"] == "queued"
-    assert job["quantization"] == {"method": "rtn", "bits": 3, "group_size": 64, "double_quant": False}
+    assert job["quantization"] == {"method": "rtn", "bits": 3, "group_size": 64, "double_quant": False, "type": None}
     hyper = job["method"]["hyperparameters"]
     assert (job["method"]["type"], hyper["beta"], hyper["lora_rank"], hyper["lora_alpha"], hyper["loss"]) == ("qdpo", 0.2, 8, 16, "sigmoid")
     assert job["dataset"]["file_id"] is None and job["seed"] == 7

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,8 @@ def test_keys_create_list_revoke(api_deployment):
     assert key_id in listing and "active" in listing and key not in listing  # only the prefix is ever shown
     assert qdpo(api_deployment, "models", "list", key=key).returncode == 0
     assert qdpo(api_deployment, "keys", "revoke", key_id).returncode == 0
+    # An API process trusts a key it has checked for QDPO_API_KEY_CACHE_SECONDS; once that has passed the key is refused.
+    time.sleep(api_deployment.settings.api_key_cache_seconds + 0.5)
     denied = qdpo(api_deployment, "models", "list", key=key)
     assert denied.returncode == 1 and "invalid_api_key" in denied.stderr
 

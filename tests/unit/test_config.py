@@ -132,4 +132,4 @@ def test_choice_fields_carry_their_choices():
     assert choices[("LabelerSpec", "kind")] == ("local", "openai")
     assert choices[("RLAIFSpec", "response_model")] == choices[("FactualitySpec", "response_model")] == ("quantized", "fp")
     assert choices[("FactualitySpec", "scorer")] == ("consistency", "logprob", "reference")
-    assert choices[("ModelSpec", "dtype")] == ("float32", "bfloat16", "float16")
+    assert choices[("ModelSpec", "dtype")] == ("float32", "bfloat16", "float16", "auto")
