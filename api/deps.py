@@ -17,6 +17,13 @@ validates a sync route's response in the thread pool, after the route returned).
 
 The trivial dependencies are `async def`: FastAPI runs a sync dependency in the thread pool,
 a thread hop per request each for nothing.
+
+The busiest routes do all their blocking work in that one thread: they give their connection back
+(`release`) and serialize their answer there (api.core.responses), where otherwise FastAPI would
+hop to a thread again to validate the returned model and the session's teardown once more to roll
+back. Routes that only read take a `ReadSessionDep`: its statements run without a transaction
+(autocommit), each seeing the data committed when it starts, as they do in a READ COMMITTED
+transaction, but without the BEGIN and ROLLBACK round trips; it must never write.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import anyio
 from cachetools import TTLCache
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.core.errors import ApiError
 from service.broker import JobQueue
@@ -49,7 +56,10 @@ async def get_settings(request: Request) -> Settings:
 
 
 def install_request_state(app, settings: Settings) -> None:
-    """The per-process state these dependencies use: key cache and database slots (see the module docstring)."""
+    """The per-process state these dependencies use: key cache, database slots and read sessions (see the module docstring)."""
+    # Same pool as app.state.sessions. At READ COMMITTED every statement sees what was committed when
+    # it started, in a transaction or not, so a read answers the same without one.
+    app.state.read_sessions = sessionmaker(bind=app.state.sessions.kw["bind"].execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
     # Within the pool's steady size: an overflow connection is opened and closed again per use (a
     # new Postgres backend each time), so requests never count on it; it serves the rest (readiness
     # probes, metrics scrapes, event streams, the reconciler).
@@ -60,8 +70,11 @@ def install_request_state(app, settings: Settings) -> None:
     app.state.key_lookup_slots = asyncio.Semaphore(lookups)
 
 
-@asynccontextmanager
-async def _slot(request: Request, semaphore: asyncio.Semaphore):
+async def _take(request: Request, semaphore: asyncio.Semaphore) -> None:
+    """Take one of `semaphore`'s slots, waiting at most QDPO_DB_POOL_TIMEOUT_SECONDS (then 503)."""
+    if not semaphore.locked():  # a free slot is taken at once (no timer task for a wait that cannot happen)
+        await semaphore.acquire()
+        return
     settings = request.app.state.settings
     try:
         await asyncio.wait_for(semaphore.acquire(), settings.db_pool_timeout_seconds)
@@ -71,23 +84,57 @@ async def _slot(request: Request, semaphore: asyncio.Semaphore):
             code="database_unavailable",
             retry_after=settings.db_retry_after_seconds,
         ) from None
+
+
+@asynccontextmanager
+async def _slot(request: Request, semaphore: asyncio.Semaphore):
+    await _take(request, semaphore)
     try:
         yield
     finally:
         semaphore.release()
 
 
+async def _open(request: Request, sessions) -> Session:
+    await _take(request, request.app.state.db_slots)
+    try:
+        return sessions()  # no connection yet: the route's first query takes one, in its thread
+    except BaseException:
+        request.app.state.db_slots.release()
+        raise
+
+
+async def _finish(request: Request, session: Session) -> None:
+    try:
+        if session.in_transaction():  # a read-only route leaves its transaction open: roll back and release, off the event loop
+            # a limiter of its own, as FastAPI does for its own exits: releasing must never wait for a busy thread pool
+            await anyio.to_thread.run_sync(_close, session, abandon_on_cancel=False, limiter=anyio.CapacityLimiter(1))
+        else:
+            _close(session)
+    finally:
+        request.app.state.db_slots.release()
+
+
 async def get_session(request: Request) -> AsyncIterator[Session]:
-    async with _slot(request, request.app.state.db_slots):
-        session = request.app.state.sessions()  # no connection yet: the route's first query takes one, in its thread
-        try:
-            yield session
-        finally:
-            if session.in_transaction():  # a read-only route leaves its transaction open: roll back and release, off the event loop
-                # a limiter of its own, as FastAPI does for its own exits: releasing must never wait for a busy thread pool
-                await anyio.to_thread.run_sync(_close, session, abandon_on_cancel=False, limiter=anyio.CapacityLimiter(1))
-            else:
-                _close(session)
+    session = await _open(request, request.app.state.sessions)
+    try:
+        yield session
+    finally:
+        await _finish(request, session)
+
+
+async def get_read_session(request: Request) -> AsyncIterator[Session]:
+    """A session for routes that only read: autocommit, so no BEGIN / ROLLBACK (see the module docstring)."""
+    session = await _open(request, request.app.state.read_sessions)
+    try:
+        yield session
+    finally:
+        await _finish(request, session)
+
+
+def release(session: Session) -> None:
+    """Give the session's connection back now, in the route's thread (its teardown then has nothing to do)."""
+    _close(session)
 
 
 def _close(session: Session) -> None:
@@ -107,6 +154,7 @@ async def get_queue(request: Request) -> JobQueue:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # released when the route returns, not after a download
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]  # reads only: no transaction
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
 from api import metrics
 from api.core.errors import ApiError
-from api.deps import CurrentTenant, QueueDep, SessionDep, SettingsDep, StoreDep
+from api.core.responses import json_response
+from api.deps import CurrentTenant, QueueDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep, release
 from api.jobspec import build_spec, job_public
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
@@ -21,6 +23,12 @@ from service.security import new_id
 from service.tables import CANCELLED, TERMINAL_STATUSES, VALIDATING, Job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def _answer(session, body: BaseModel, status_code: int = 200) -> Response:
+    """The route's last step, in its thread: the connection goes back to the pool and the body is serialized (api.deps)."""
+    release(session)
+    return json_response(body, status_code)
 
 
 def get_tenant_job(session, tenant, job_id: str) -> Job:
@@ -38,7 +46,6 @@ def create_job(
     store: StoreDep,
     queue: QueueDep,
     settings: SettingsDep,
-    response: Response,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -47,14 +54,13 @@ def create_job(
             description="Up to 255 printable ASCII characters. Retrying with the same key and the same body returns the job created the first time instead of a second one; the same key with a different body is refused (422).",
         ),
     ] = None,
-) -> JobPublic:
+) -> Response:
     """Create a job; it is validated completely, stored, and only then queued."""
     idempotency_key = idempotency_key or None  # an empty header is no key
     request = body.model_dump(exclude_none=True)
     if idempotency_key and (earlier := jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key)):
         jobs_crud.check_idempotent_reuse(earlier, key=idempotency_key, request=request)
-        response.status_code = 200
-        return job_public(earlier)
+        return _answer(session, job_public(earlier), 200)
     spec, inputs = build_spec(body, outbound_policy=settings.outbound_policy())
     resolve_inputs(session, store, tenant_id=tenant.id, inputs=inputs)
     job = Job(
@@ -79,30 +85,29 @@ def create_job(
         if earlier is None:
             raise
         jobs_crud.check_idempotent_reuse(earlier, key=idempotency_key or "", request=request)
-        response.status_code = 200
-        return job_public(earlier)
+        return _answer(session, job_public(earlier), 200)
     validate_and_queue(session, store=store, queue=queue, job=job)
     metrics.JOBS_CREATED.labels(method=job.method).inc()
-    return job_public(job)
+    return _answer(session, job_public(job), 201)
 
 
 @router.get("", response_model=Page[JobPublic], responses=error_responses(401, 422))
 def list_jobs(
     tenant: CurrentTenant,
-    session: SessionDep,
+    session: ReadSessionDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     after: Annotated[str | None, Query(description="Cursor: the last id of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> Page[JobPublic]:
+) -> Response:
     """List your jobs, newest first."""
     jobs, has_more = jobs_crud.list_jobs(session, tenant_id=tenant.id, status=status, after=after, limit=limit)
-    return Page[JobPublic](data=[job_public(j) for j in jobs], has_more=has_more, next_cursor=jobs[-1].id if has_more else None)
+    return _answer(session, Page[JobPublic](data=[job_public(j) for j in jobs], has_more=has_more, next_cursor=jobs[-1].id if has_more else None))
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
-def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def get_job(job_id: str, tenant: CurrentTenant, session: ReadSessionDep) -> Response:
     """Get a job: status, stage, progress with ETA, error, result."""
-    return job_public(get_tenant_job(session, tenant, job_id))
+    return _answer(session, job_public(get_tenant_job(session, tenant, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409))
