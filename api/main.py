@@ -100,6 +100,7 @@ def _document_error_bodies(app: FastAPI) -> None:
                         responses["422"] = {"description": "Invalid input; `param` names the field.", "content": {"application/json": {"schema": envelope}}}
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+        assert app.openapi_schema is not None  # generate() stores the schema it returns
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

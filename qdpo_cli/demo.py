@@ -26,6 +26,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -38,7 +39,7 @@ from qdpo_client.types import Event
 # Small enough for a 2-core CPU in a few minutes. 3-bit RTN leaves a wide gap to full precision (about
 # half of the answer tokens flip), so what the adapter repairs shows; checkpoint selection on held-out
 # KL keeps the export from ever being worse than the quantized model alone.
-DEMO_JOB = {
+DEMO_JOB: dict[str, Any] = {
     "model": "smollm2-135m-instruct",
     "quantization": {"method": "rtn", "bits": 3, "group_size": 64},
     "dataset": {"max_train_prompts": 16, "max_eval_prompts": 6},
@@ -136,6 +137,7 @@ def main() -> int:
             bits = f" {job.quantization['bits']}-bit" if job.quantization["method"] == "rtn" else ""
             console.print(f"Created {job.id}: calibrated init + KD on {job.model}, {job.quantization['method']}{bits}, built-in prompts. Following it …")
             job = client.jobs.wait(job.id, poll_interval=1.0, on_event=print_event)
+            assert job.started_at is not None and job.finished_at is not None and job.adapter is not None  # wait() returns a succeeded job
             console.print(f"\n{job.id} succeeded in {job.finished_at - job.started_at} s as [bold]{job.fine_tuned_model}[/bold]\n")
             console.print(Markdown(client.jobs.report(job.id, markdown=True)))
             out = client.jobs.download_adapter(job.id, OUT_DIR)

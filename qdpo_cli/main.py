@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except APIError as exc:
         where = f" (field: {exc.param})" if exc.param else ""
         print(f"error: {exc.code}: {exc.message}{where}", file=sys.stderr)
-        for line in exc.lines[:20]:
-            print(f"  line {line.get('line')}: {line.get('field') or ''} {line.get('message')}", file=sys.stderr)
+        for bad in exc.lines[:20]:
+            print(f"  line {bad.get('line')}: {bad.get('field') or ''} {bad.get('message')}", file=sys.stderr)
         for line in (exc.hint or "").splitlines():
             print(f"  {line}", file=sys.stderr)
         return 1

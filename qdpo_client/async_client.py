@@ -10,6 +10,7 @@ async with AsyncClient("http://localhost:8000", api_key=KEY) as c:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -92,7 +93,7 @@ class AsyncJobs:
     async def delete(self, job_id: str) -> dict:
         return await self._http.json("DELETE", f"/v1/jobs/{job_id}")
 
-    async def events(self, job_id: str, *, after: str | None = None, limit: int | None = None, types: list[str] | None = None) -> Page[Event]:
+    async def events(self, job_id: str, *, after: str | None = None, limit: int | None = None, types: builtins.list[str] | None = None) -> Page[Event]:
         params = page_params(after=after, limit=limit, type=types)
         return Page[Event].model_validate(await self._http.json("GET", f"/v1/jobs/{job_id}/events", params=params))
 
@@ -111,10 +112,10 @@ class AsyncJobs:
                     return
                 yield Event.model_validate(json.loads(data))
 
-    async def metrics(self, job_id: str) -> list[Metric]:
+    async def metrics(self, job_id: str) -> builtins.list[Metric]:
         return [Metric.model_validate(m) for m in (await self._http.json("GET", f"/v1/jobs/{job_id}/metrics"))["data"]]
 
-    async def checkpoints(self, job_id: str) -> list[Checkpoint]:
+    async def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:
         return [Checkpoint.model_validate(c) for c in (await self._http.json("GET", f"/v1/jobs/{job_id}/checkpoints"))["data"]]
 
     async def report(self, job_id: str, *, markdown: bool = False) -> Any:
@@ -246,7 +247,10 @@ class AsyncClient:
         connection: Connection | None = None,
     ):
         self.connection = connect(base_url, api_key, connection, http_client)
-        self.http = http_client or httpx.AsyncClient(**client_options(self.connection, timeout))
+        if http_client is None:
+            assert self.connection is not None  # connect() resolves one whenever no http_client is given
+            http_client = httpx.AsyncClient(**client_options(self.connection, timeout))
+        self.http = http_client
         transport = AsyncHTTP(self.http, max_retries, self.connection)
         self.files, self.jobs, self.models = AsyncFiles(transport), AsyncJobs(transport), AsyncModels(transport)
         self.webhooks = AsyncWebhooks(transport)

@@ -10,6 +10,7 @@ path = c.jobs.download_adapter(job.id, "out/")  # sha256 verified, unpacked: out
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -97,7 +98,7 @@ class Jobs:
     def delete(self, job_id: str) -> dict:
         return self._http.json("DELETE", f"/v1/jobs/{job_id}")
 
-    def events(self, job_id: str, *, after: str | None = None, limit: int | None = None, types: list[str] | None = None) -> Page[Event]:
+    def events(self, job_id: str, *, after: str | None = None, limit: int | None = None, types: builtins.list[str] | None = None) -> Page[Event]:
         params = page_params(after=after, limit=limit, type=types)
         return Page[Event].model_validate(self._http.json("GET", f"/v1/jobs/{job_id}/events", params=params))
 
@@ -117,10 +118,10 @@ class Jobs:
                     return
                 yield Event.model_validate(json.loads(data))
 
-    def metrics(self, job_id: str) -> list[Metric]:
+    def metrics(self, job_id: str) -> builtins.list[Metric]:
         return [Metric.model_validate(m) for m in self._http.json("GET", f"/v1/jobs/{job_id}/metrics")["data"]]
 
-    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+    def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:
         return [Checkpoint.model_validate(c) for c in self._http.json("GET", f"/v1/jobs/{job_id}/checkpoints")["data"]]
 
     def report(self, job_id: str, *, markdown: bool = False) -> Any:
@@ -262,7 +263,10 @@ class Client:
         connection: Connection | None = None,
     ):
         self.connection = connect(base_url, api_key, connection, http_client)
-        self.http = http_client or httpx.Client(**client_options(self.connection, timeout))
+        if http_client is None:
+            assert self.connection is not None  # connect() resolves one whenever no http_client is given
+            http_client = httpx.Client(**client_options(self.connection, timeout))
+        self.http = http_client
         transport = SyncHTTP(self.http, max_retries, self.connection)
         self.files, self.jobs, self.models = Files(transport), Jobs(transport), Models(transport)
         self.webhooks = Webhooks(transport)

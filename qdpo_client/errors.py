@@ -20,6 +20,7 @@ class APIError(QdpoClientError):
         super().__init__(f"{status_code} {code}: {message}")
         self.status_code, self.code, self.message, self.param = status_code, code, message, param
         self.body = body or {}
+        self.retry_after: float | None = None  # the answer's Retry-After, in seconds (set by the transport)
         self.hint: str | None = None  # what to do about it, where the client knows more than the server (a 401: where the key came from)
 
     def __str__(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from qdpo_client.types import Job
 
@@ -13,7 +13,7 @@ class JobProgress:
         self.enabled = enabled
         self.console = console or Console(stderr=True)
         self.bar: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
 
     def __enter__(self) -> JobProgress:
         if self.enabled:
@@ -35,7 +35,7 @@ class JobProgress:
             self.bar.stop()
 
     def update(self, job: Job) -> None:
-        if self.bar is None:
+        if self.bar is None or self.task is None:
             return
         progress = job.progress
         if progress is None or progress.stage is None:

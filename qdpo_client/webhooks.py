@@ -67,7 +67,7 @@ def verify_webhook(
     mapping (names are matched case-insensitively).
     """
     lowered = {str(k).lower(): v for k, v in headers.items()}
-    msg_id, stamp, signatures = lowered.get("webhook-id"), lowered.get("webhook-timestamp"), lowered.get("webhook-signature")
+    msg_id, stamp, signatures = lowered.get("webhook-id", ""), lowered.get("webhook-timestamp", ""), lowered.get("webhook-signature", "")
     missing = [name for name, value in (("webhook-id", msg_id), ("webhook-timestamp", stamp), ("webhook-signature", signatures)) if not value]
     if missing:
         raise WebhookVerificationError(f"missing header(s): {', '.join(missing)}")

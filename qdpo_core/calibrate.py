@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     quantized at run time, which no weight correction can represent).
     nn.Linear (RTN fake-quant, or no quantization): the weight itself.
     """
-    base = getattr(module, "base_layer", module)  # a PEFT LoRA wrapper holds the quantized layer
+    base: Any = getattr(module, "base_layer", module)  # a PEFT LoRA wrapper holds the quantized layer
     kind = type(base).__module__
     if kind.startswith("bitsandbytes"):
         import bitsandbytes.functional as bnb_functional
@@ -206,8 +207,12 @@ class GramCollector:
 # ---- putting it into the adapter --------------------------------------------------------------
 
 
-def lora_layers(policy: nn.Module, adapter: str = "default") -> dict[str, nn.Module]:
-    """The PEFT LoRA layers of `policy`, by the name their base layer has in the plain model."""
+def lora_layers(policy: nn.Module, adapter: str = "default") -> dict[str, Any]:
+    """The PEFT LoRA layers of `policy`, by the name their base layer has in the plain model.
+
+    Typed Any: their per-adapter attributes (r, scaling, lora_A, lora_B) are looked up by name, which
+    torch types as Tensor | Module.
+    """
     from peft.tuners.lora import LoraLayer
 
     layers = {}
@@ -217,7 +222,7 @@ def lora_layers(policy: nn.Module, adapter: str = "default") -> dict[str, nn.Mod
     return layers
 
 
-def set_lora_factors(layer: nn.Module, b: torch.Tensor, a: torch.Tensor, adapter: str = "default") -> None:
+def set_lora_factors(layer: Any, b: torch.Tensor, a: torch.Tensor, adapter: str = "default") -> None:
     """Make the layer's adapter equal s·B·A = b·a (s = the layer's LoRA scaling), split evenly."""
     scaling = layer.scaling[adapter]
     root = math.sqrt(scaling)

@@ -19,13 +19,13 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qdpo_core.errors import SpecError
 
 METHODS = ("qdpo", "dpo", "kd", "rlaif", "factuality", "auto")
 # method auto: what each candidate trains (on QDPO pairs or the FP answers) with which extra settings.
-AUTO_CANDIDATES = {
+AUTO_CANDIDATES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "init": None,  # the initialised adapter, no training
     "kd": ("kd", {}),
     "qdpo": ("dpo", {}),
@@ -131,16 +131,18 @@ class _Spec:
     """Shared (de)serialisation: nested dicts in, nested dicts out, unknown keys rejected."""
 
     prefix: ClassVar[str] = ""
+    if TYPE_CHECKING:  # every subclass is a dataclass
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)  # type: ignore[arg-type]
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict | None, prefix: str | None = None):
         prefix = cls.prefix if prefix is None else prefix
         data = dict(data or {})
         hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
@@ -179,7 +181,7 @@ def _url_host(url: str) -> str | None:
     return host if parts.scheme in ("http", "https") and host else None
 
 
-def _nested_spec_type(hint: Any) -> type | None:
+def _nested_spec_type(hint: Any) -> type[_Spec] | None:
     """The _Spec subclass inside a hint such as `LabelerSpec | None`, else None."""
     candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
     for candidate in candidates:
@@ -241,14 +243,14 @@ class QuantSpec(_Spec):
                 "make the file with llama.cpp's llama-quantize, have the operator register it with the model and leave quantization.type empty",
             )
             _check(
-                self.bits is None or self.bits == GGUF_TYPES.get(self.type),
+                self.bits is None or self.bits == GGUF_TYPES.get(self.type or ""),
                 "quantization.bits",
                 f"the GGUF type sets the bit width; got bits={_shown(self.bits)}: leave bits empty",
             )
             _check(self.group_size == 64, "quantization.group_size", "GGUF types have their own block size; leave group_size empty")
             _check_bool(self.double_quant, "quantization.double_quant")
             _check(not self.double_quant, "quantization.double_quant", "only the bitsandbytes 4-bit methods (nf4, fp4) have it; remove it for method 'gguf'")
-            self.bits = GGUF_TYPES.get(self.type)  # None: the registered file's own types
+            self.bits = GGUF_TYPES.get(self.type or "")  # None: the registered file's own types
             return
         _check(self.type is None, "quantization.type", f"only method 'gguf' has a type; remove it for method {self.method!r} or use method 'gguf'")
         _check(self.bits is None or _is_int(self.bits), "quantization.bits", f"got {_shown(self.bits)}; use an integer such as 4")

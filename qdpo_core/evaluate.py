@@ -108,11 +108,11 @@ def teacher_forced_metrics(model, teacher, held_out: HeldOut, batch_size: int, p
         else:
             fp_logits, _, _ = response_logits(teacher, batch, keep)
             fp_logp = torch.log_softmax(fp_logits[selected].float(), dim=-1)  # (N, V)
-            if fresh is not None:
+            if fresh is not None and cache is not None:
                 fresh = fresh + [fp_logp] if cache.fits(held_out, fp_logp.shape[-1]) else None
         for key, value in scored_stats(fp_logp, q_logits[selected], targets[selected]).items():
             totals[key] += value
-    if fresh:
+    if fresh and cache is not None:
         cache.batches = fresh
     model.train(was_training)
     return summarize(totals)

@@ -32,6 +32,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from qdpo_core import __version__, registry
 from qdpo_core.checkpoint import copy_adapter
@@ -169,7 +170,7 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
         raise SpecError("train.lora_rank: adapter.gguf holds one LoRA alpha; per-layer ranks or alphas cannot be written", param="train.lora_rank")
     alpha = float(config["lora_alpha"])
     state = load_file(adapter_dir / "adapter_model.safetensors")
-    lora: dict[str, tuple] = {}
+    lora: dict[str, dict[str, Any]] = {}
     for key, tensor in state.items():
         for part in (".lora_A.weight", ".lora_B.weight"):
             if key.endswith(part):
@@ -185,7 +186,7 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
     except gguf_files.GGUFProblem as exc:  # e.g. an adapter on the output head, which llama.cpp's LoRA cannot hold
         raise SpecError(f"train.target_modules: {exc}", param="train.target_modules") from None
     adapter_path = target / gguf_files.ADAPTER_FILE
-    entry = {
+    entry: dict[str, Any] = {
         "adapter": {
             "file": gguf_files.ADAPTER_FILE,
             "sha256": sha256_file(adapter_path),
@@ -195,7 +196,10 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
             "tensors": 2 * len(ranks),
         }
     }
-    gguf_path, _ = gguf_file_for(model_dir)
+    found = gguf_file_for(model_dir)
+    if found is None:  # gguf_quantize refused such a model before any training
+        raise SpecError("quantization.method: the model has no GGUF file to take the llama.cpp metadata from", param="quantization.method")
+    gguf_path, _ = found
     if spec.quantization.type:
         base = target / gguf_files.model_file_name(spec.quantization.type)
         with contextlib.ExitStack() as stack:  # the FP weights are read one tensor at a time, as they are written

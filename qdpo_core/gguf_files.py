@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 GGUF_MAGIC = b"GGUF"
 # Hugging Face architecture (config.json `architectures[0]`) -> GGUF general.architecture, and
@@ -355,11 +356,11 @@ def write_model(
     check_pair(template, fp_dir)
     reader = open_reader(template)
     expected = expected_gguf_tensors(fp_dir)
-    plan = []  # (name, type, source): source is an HF name, or the template tensor for derived ones
+    plan: list[tuple[str, str, Any, tuple[int, ...] | None]] = []  # (name, type, source): source is an HF name, or the template tensor for derived ones
     for tensor in reader.tensors:
         if tensor.name in expected:
-            hf_name, shape = expected[tensor.name]
-            plan.append((tensor.name, tensor_type(tensor.name, shape, type_name), hf_name, shape))
+            hf_name, fp_shape = expected[tensor.name]
+            plan.append((tensor.name, tensor_type(tensor.name, fp_shape, type_name), hf_name, fp_shape))
         else:
             plan.append((tensor.name, tensor.tensor_type.name, tensor, None))
     writer = gguf.GGUFWriter(path=None, arch=reader.fields["general.architecture"].contents())

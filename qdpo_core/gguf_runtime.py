@@ -16,6 +16,7 @@ that the comparison measures the weights and the adapter, not the cache's roundi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 INSTALL_HINT = "llama-cpp-python is not installed: run `make install` (it builds llama.cpp once, about 10-15 minutes) or `pip install llama-cpp-python`"
 
@@ -34,7 +35,7 @@ class LlamaCpp:
         import os
 
         llama_cpp = require_llama_cpp()
-        options = {}
+        options: dict[str, Any] = {}
         if f32_cache:
             options.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         self.llm = llama_cpp.Llama(

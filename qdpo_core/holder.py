@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from qdpo_core.config import PipelineSpec
 
@@ -13,7 +14,10 @@ class ModelHolder:
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
         self._model_dir: Path | None = None
-        self._tokenizer = self._teacher = self._student = None
+        # transformers objects, loaded on first use
+        self._tokenizer: Any = None
+        self._teacher: Any = None
+        self._student: Any = None
         self.policy = None
         self._quant_info = None
         self._device: str | None = None

@@ -261,7 +261,7 @@ def load_full_precision(model_dir: Path, device: str, dtype: str = "float32"):
 
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound method
     model.requires_grad_(False)
     return model
 

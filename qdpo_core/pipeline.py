@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qdpo_core.config import PipelineSpec
 from qdpo_core.datasets import load_jsonl
@@ -61,6 +62,13 @@ class Run:
     # ---- bookkeeping --------------------------------------------------------------------
     def done(self, stage: str) -> dict | None:
         return self.dir.done(stage)
+
+    def finished(self, stage: str) -> dict:
+        """The summary of an earlier stage this one builds on (the stages run in order)."""
+        summary = self.done(stage)
+        if summary is None:
+            raise RuntimeError(f"stage {stage} has not finished")
+        return summary
 
     def run_stage(self, stage: str, body: Callable[[Emitter], dict]) -> dict:
         previous = self.done(stage)
@@ -145,7 +153,7 @@ class Run:
         summary["kept"] = True
         if spec.init != "identity":
             metrics = self.evaluator.teacher_forced(policy)
-            ptq = self.done("baseline")["ptq"]
+            ptq = self.finished("baseline")["ptq"]
             key = spec.selection_metric
             summary["metrics"] = metrics
             if metrics[key] >= ptq[key]:
@@ -256,7 +264,7 @@ class Run:
     def train(self, emitter: Emitter) -> dict:
         from qdpo_core.train import Trainer
 
-        baseline, init = self.done("baseline"), self.done("init")
+        baseline, init = self.finished("baseline"), self.finished("init")
         if self.spec.train.epochs == 0:
             from qdpo_core.checkpoint import copy_adapter
 
@@ -319,11 +327,13 @@ class Run:
             started = time.monotonic()
             emitter.log(f"candidate {number}/{len(self.spec.auto.candidates)}: {name}")
             directory = self.workdir / "train" / name
-            if AUTO_CANDIDATES[name] is None:
+            candidate = AUTO_CANDIDATES[name]
+            result: dict[str, Any]
+            if candidate is None:
                 copy_adapter(self.workdir / "init" / "adapter", directory / "best")
                 result = {"name": name, "metrics": {k: start[k] for k in ("token_flip_rate", "kl", "perplexity")}, "best_step": 0, "steps": 0}
             else:
-                objective, extra = AUTO_CANDIDATES[name]
+                objective, extra = candidate
                 examples = load_jsonl(self.workdir / "pairs_all.jsonl") if objective == "kd" else pairs
                 if not examples:
                     emitter.warn(f"candidate {name}: no training examples (every QDPO pair was identical); skipped")
@@ -387,10 +397,10 @@ class Run:
     def evaluate(self, emitter: Emitter) -> dict:
         from qdpo_core.report import build_report
 
-        trained = self.done("train")
+        trained = self.finished("train")
         aligned_model = self._aligned_policy(self.workdir / trained["best_dir"])
         aligned = self.evaluator.score(aligned_model, self.workdir / "evaluate" / "aligned_responses.jsonl", "aligned answers", emitter)
-        baseline = self.done("baseline")
+        baseline = self.finished("baseline")
         _, rows = self.evaluator.held_out()
         ptq_texts = [r["text"] for r in load_jsonl(self.workdir / "baseline" / "ptq_responses.jsonl")]
         aligned_texts = [r["text"] for r in load_jsonl(self.workdir / "evaluate" / "aligned_responses.jsonl")]
@@ -466,7 +476,7 @@ class Run:
         report = json.loads((self.workdir / "evaluate" / "report.json").read_text())
         timings = {stage: (self.done(stage) or {}).get("seconds") for stage in STAGES if stage != "export"}
         report["stage_seconds"] = timings
-        manifest = export(self.spec, self.workdir / self.done("train")["best_dir"], report, self.workdir / "export", self.models.model_dir)
+        manifest = export(self.spec, self.workdir / self.finished("train")["best_dir"], report, self.workdir / "export", self.models.model_dir)
         emitter.log("exported the adapter, manifest and report to export/")
         return {"files": len(manifest["files"])}
 

@@ -39,6 +39,7 @@ def prepare_data(spec: PipelineSpec) -> tuple[list[dict], list[dict], dict]:
     """→ (train records, eval prompt records, summary)."""
     data = spec.dataset
     if spec.method == "dpo":
+        assert data.pairs is not None  # PipelineSpec requires it for method dpo
         train = read_jsonl(data.pairs, "preferences")
         source = "preferences file"
     elif data.prompts:
@@ -58,6 +59,7 @@ def prepare_data(spec: PipelineSpec) -> tuple[list[dict], list[dict], dict]:
     held_out = _subset(held_out, data.max_eval_prompts, spec.seed + 1)
     summary = {"source": source, "train_records": len(train), "eval_prompts": len(held_out)}
     if spec.method == "factuality" and spec.factuality.scorer == "reference":
+        assert spec.factuality.references is not None  # FactualitySpec requires it for scorer 'reference'
         summary["reference_passages"] = len(read_references(spec.factuality.references))  # a bad file fails now, not mid-job
     return train, held_out, summary
 

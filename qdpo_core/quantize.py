@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,10 +61,11 @@ def load_quantized(model_dir: Path, spec: QuantSpec, device: str, dtype: str = "
         model.requires_grad_(False)
         info.memory_bytes = model.get_memory_footprint()
         return model, info
+    assert spec.bits is not None  # QuantSpec sets the bits of every method but gguf
     if spec.method == "rtn":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True)
         layers, packed = rtn_quantize_(model, spec.bits, spec.group_size)
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound method
     else:
         _quiet_bitsandbytes()
         model = AutoModelForCausalLM.from_pretrained(
@@ -109,15 +111,16 @@ def disable_cpu_weight_packing(model: nn.Module) -> int:
     try:
         from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
     except ImportError:  # releases without CPU repacking: nothing to undo
-        _convert_weight_packed_for_cpu_inverse = None
+        _convert_weight_packed_for_cpu_inverse = None  # type: ignore[assignment]
 
     count = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-            state = module.weight.quant_state
-            if _convert_weight_packed_for_cpu_inverse and getattr(state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            weight = cast(Any, module.weight)  # a bitsandbytes Params4bit (nn.Linear types it as a plain Tensor)
+            state = weight.quant_state
+            if _convert_weight_packed_for_cpu_inverse is not None and getattr(state, "packing_format_for_cpu", False):
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             count += 1
         elif isinstance(module, bnb.nn.Linear8bitLt):
             count += 1
@@ -232,10 +235,14 @@ def gguf_quantize(model_dir: Path, spec: QuantSpec, dtype: str = "float32"):
     linear = {name + ".weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     for name, param in model.named_parameters():  # tied weights appear once
         gguf_name = gguf_files.gguf_name(name, tensor_map)
+        if gguf_name is None:
+            raise SpecError(f"quantization.method: the model's tensor {name} has no llama.cpp name", param="quantization.method")
         if weights is not None:
+            assert inspection is not None  # read with the weights
             values = weights[name]
             type_ = inspection.tensors[gguf_name][1]
         else:
+            assert spec.type is not None  # no registered weights: the FP ones are quantized to spec.type
             type_ = gguf_files.tensor_type(gguf_name, tuple(param.shape), spec.type)
             stored, values = gguf_files.quantize(param.detach().cpu().numpy(), type_)
             packed += stored.nbytes

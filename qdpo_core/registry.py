@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qdpo_core.config import GGUF_TYPES, QuantSpec
 from qdpo_core.errors import SpecError
 
 log = logging.getLogger(__name__)
 
-QUANTIZATION_OPTIONS = {
+QUANTIZATION_OPTIONS: dict[str, dict[str, Any]] = {
     "nf4": {"bits": [4], "description": "bitsandbytes 4-bit NormalFloat"},
     "fp4": {"bits": [4], "description": "bitsandbytes 4-bit float"},
     "int8": {"bits": [8], "description": "bitsandbytes LLM.int8"},

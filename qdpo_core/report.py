@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from qdpo_core.evaluate import HIGHER_IS_BETTER, gap_closed
 
 ROWS = (
@@ -16,7 +18,7 @@ ROWS = (
 
 
 def build_report(fp: dict, ptq: dict, aligned: dict, **extra) -> dict:
-    report = {"fp": fp, "ptq": ptq, "aligned": aligned, "gap_closed": gap_closed(fp, ptq, aligned)}
+    report: dict[str, Any] = {"fp": fp, "ptq": ptq, "aligned": aligned, "gap_closed": gap_closed(fp, ptq, aligned)}
     init = extra.get("init") or {}
     if init.get("metrics"):
         report["init_gap_closed"] = gap_closed(fp, ptq, init["metrics"])

@@ -82,6 +82,7 @@ def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(student, spec.target_modules)
+    assert spec.lora_alpha is not None  # TrainSpec sets it (2 × rank when left empty)
     torch.manual_seed(seed)
     config = LoraConfig(
         r=spec.lora_rank,
@@ -271,6 +272,7 @@ class Trainer:
         logps = target_logps(logits, targets, mask)
         sums, lengths = logps.sum(-1), mask.sum(-1)
         n = len(ex)
+        assert reference is not None  # the DPO objective always has the reference log-probabilities
         ref = torch.tensor([[reference["chosen"][i] for i in indices], [reference["rejected"][i] for i in indices]], device=self.device)
         policy_c, policy_r, ref_c, ref_r = sums[:n], sums[n:], ref[0], ref[1]
         if self.spec.loss == "ipo":  # IPO is defined on per-token average log-ratios

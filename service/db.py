@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -38,7 +39,7 @@ class DatabaseOptions:
     pre_ping: bool = True
 
     def postgres_connect_args(self) -> dict:
-        args = {
+        args: dict[str, Any] = {
             "connect_timeout": self.connect_timeout,
             # a peer that vanished (network partition, dead host) is noticed in seconds, not hours
             "keepalives": 1,

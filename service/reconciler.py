@@ -18,6 +18,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from service.broker import JobQueue
 from service.config import Settings
@@ -71,7 +72,7 @@ def _recover_expired(session, settings: Settings, queue: JobQueue, job, report: 
         if jobs_crud.finish(session, job_pk=job.pk, owner=owner, status=CANCELLED, accept=accept, message="cancelled (its worker was lost while stopping)"):
             report.cancelled_expired.append(job.id)
     elif job.attempts >= settings.max_attempts:
-        error = {
+        error: dict[str, Any] = {
             "code": "worker_lost",
             "message": f"the job's worker stopped responding {job.attempts} times (last: {owner}); it may need more memory than a worker has",
             "param": None,

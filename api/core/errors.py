@@ -123,7 +123,7 @@ async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONRespons
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _field_path(first.get("loc", ()))
     message = first.get("msg", "invalid value")
     if tuple(first.get("loc", ()))[-1:] == ("[key]",):
@@ -205,10 +205,11 @@ class UnhandledErrorMiddleware:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(SQLAlchemyError, _database_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Starlette types every handler as taking any Exception; each of these is only called with its own class.
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
+    app.add_exception_handler(SQLAlchemyError, _database_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(UnhandledErrorMiddleware)  # added first: the innermost of the app's middleware

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import anyio
@@ -74,7 +75,7 @@ def list_events(
     return Page[EventPublic](data=data, has_more=has_more, next_cursor=data[-1].id if has_more else None)
 
 
-async def _event_stream(request: Request, job_pk: int, after_seq: int, types: list[str] | None):
+async def _event_stream(request: Request, job_pk: int, after_seq: int, types: Sequence[str] | None):
     """Poll the database and forward new events; finish once the job is over and drained."""
     sessions, poll = request.app.state.sessions, request.app.state.settings.event_stream_poll_seconds
 
@@ -167,6 +168,7 @@ def download_adapter(job_id: str, tenant: CurrentTenant, session: SessionDep, st
     """Download the trained adapter as one archive (Content-Length, sha256 in ETag and Repr-Digest)."""
     job = get_tenant_job(session, tenant, job_id)
     _require_success(job, "adapter")
+    assert job.adapter_sha256 is not None and job.adapter_path is not None  # a succeeded job has its adapter
     digest = base64.b64encode(bytes.fromhex(job.adapter_sha256)).decode()
     headers = {"ETag": f'"{job.adapter_sha256}"', "Repr-Digest": f"sha-256=:{digest}:", "X-Content-SHA256": job.adapter_sha256}
     filename = f"{job.id}-adapter.tar.gz"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
@@ -66,9 +66,11 @@ def _translate(hint: Any, cache: dict) -> Any:
         if len(members) > 1 and None not in kinds and len(set(kinds)) == len(kinds):
             # One member per JSON kind: choose by the value's kind, so only that member's errors are reported.
             tagged = typing.Union[tuple(Annotated[t, Tag(f"<{k}>")] for t, k in zip(translated, kinds))]  # type: ignore[valid-type]  # noqa: UP007
-            union: Any = Annotated[tagged, Discriminator(_kind_of_value, custom_error_type="union_kind", custom_error_message=_kinds_message(kinds))]
+            union: Any = Annotated[
+                tagged, Discriminator(_kind_of_value, custom_error_type="union_kind", custom_error_message=_kinds_message(cast("list[str]", kinds)))
+            ]
         else:
-            union = typing.Union[tuple(translated)]  # type: ignore[assignment]  # noqa: UP007 (built at run time)
+            union = typing.Union[tuple(translated)]  # noqa: UP007 (built at run time)
         return union | None if type(None) in args else union
     if origin is list:
         return list[_translate(args[0], cache)]  # type: ignore[misc]
@@ -104,7 +106,7 @@ def model_for(cls: type, name: str | None = None, doc: str | None = None, exclud
     if key in cache:
         return cache[key]
     hints = typing.get_type_hints(cls)
-    fields = {}
+    fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
@@ -118,16 +120,28 @@ def model_for(cls: type, name: str | None = None, doc: str | None = None, exclud
 
 
 _cache: dict = {}
-model_for(spec.LabelerSpec, "LabelerSettings", "A model that judges or labels: local, or any OpenAI-compatible endpoint.", cache=_cache)
-QuantizationSettings = model_for(spec.QuantSpec, "QuantizationSettings", "How the served model is quantized.", cache=_cache)
-Hyperparameters = model_for(spec.TrainSpec, "Hyperparameters", "Trainer settings (DPO / KD on LoRA adapters).", cache=_cache)
-GenerationSettings = model_for(spec.GenerationSpec, "GenerationSettings", "Decoding used to build preference pairs.", cache=_cache)
-EvalSettings = model_for(spec.EvalSpec, "EvalSettings", "Held-out evaluation before and after training.", cache=_cache)
-RLAIFSettings = model_for(spec.RLAIFSpec, "RLAIFSettings", "Method rlaif: pairs labelled by an AI labeler.", cache=_cache)
-AutoSettings = model_for(
-    spec.AutoSpec, "AutoSettings", "Method auto: candidates tried from the initialised adapter; the best on held-out data is exported.", cache=_cache
-)
-# A client names reference passages by an uploaded file id (method.factuality.references_file_id), never a path.
-FactualitySettings = model_for(spec.FactualitySpec, "FactualitySettings", "Method factuality: FactTune-style pairs.", exclude=("references",), cache=_cache)
-# The dataset's file paths are the worker's business; the API takes file ids instead (see DatasetSettings).
-DatasetOptions = model_for(spec.DataSpec, "DatasetOptions", "How the prompts are split and capped.", exclude=("prompts", "pairs", "eval_prompts"), cache=_cache)
+if TYPE_CHECKING:  # built at run time by create_model; to a type checker, each is a SpecModel
+    QuantizationSettings = SpecModel
+    Hyperparameters = SpecModel
+    GenerationSettings = SpecModel
+    EvalSettings = SpecModel
+    RLAIFSettings = SpecModel
+    AutoSettings = SpecModel
+    FactualitySettings = SpecModel
+    DatasetOptions = SpecModel
+else:
+    model_for(spec.LabelerSpec, "LabelerSettings", "A model that judges or labels: local, or any OpenAI-compatible endpoint.", cache=_cache)
+    QuantizationSettings = model_for(spec.QuantSpec, "QuantizationSettings", "How the served model is quantized.", cache=_cache)
+    Hyperparameters = model_for(spec.TrainSpec, "Hyperparameters", "Trainer settings (DPO / KD on LoRA adapters).", cache=_cache)
+    GenerationSettings = model_for(spec.GenerationSpec, "GenerationSettings", "Decoding used to build preference pairs.", cache=_cache)
+    EvalSettings = model_for(spec.EvalSpec, "EvalSettings", "Held-out evaluation before and after training.", cache=_cache)
+    RLAIFSettings = model_for(spec.RLAIFSpec, "RLAIFSettings", "Method rlaif: pairs labelled by an AI labeler.", cache=_cache)
+    AutoSettings = model_for(
+        spec.AutoSpec, "AutoSettings", "Method auto: candidates tried from the initialised adapter; the best on held-out data is exported.", cache=_cache
+    )
+    # A client names reference passages by an uploaded file id (method.factuality.references_file_id), never a path.
+    FactualitySettings = model_for(spec.FactualitySpec, "FactualitySettings", "Method factuality: FactTune-style pairs.", exclude=("references",), cache=_cache)
+    # The dataset's file paths are the worker's business; the API takes file ids instead (see DatasetSettings).
+    DatasetOptions = model_for(
+        spec.DataSpec, "DatasetOptions", "How the prompts are split and capped.", exclude=("prompts", "pairs", "eval_prompts"), cache=_cache
+    )

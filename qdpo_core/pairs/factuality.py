@@ -40,16 +40,17 @@ class Scored:
 
 def score_pairs(scores: list[float | None], ids: list[list[int]], min_gap: float) -> list[tuple[int, int, str | None]]:
     """Every pair of answers as (higher, lower, drop reason or None), in a fixed order."""
-    out = []
+    out: list[tuple[int, int, str | None]] = []
     for i in range(len(scores)):
         for j in range(i + 1, len(scores)):
+            score_i, score_j = scores[i], scores[j]
             if ids[i] == ids[j]:
                 out.append((i, j, "identical"))
-            elif scores[i] is None or scores[j] is None:
+            elif score_i is None or score_j is None:
                 out.append((i, j, "unscored"))
             else:
-                high, low = (i, j) if scores[i] >= scores[j] else (j, i)
-                out.append((high, low, None if scores[high] - scores[low] > min_gap else "small_score_gap"))
+                high, low = (i, j) if score_i >= score_j else (j, i)
+                out.append((high, low, None if abs(score_i - score_j) > min_gap else "small_score_gap"))
     return out
 
 
@@ -148,13 +149,17 @@ class FactualityPairs:
     def scorer(self, ctx: PairContext):
         if self._scorer is None:
             f = ctx.spec.factuality
-            passages = read_references(f.references) if f.scorer == "reference" else None  # a bad file fails before any labeler loads
+            passages = None
+            if f.scorer == "reference":  # a bad file fails before any labeler loads
+                assert f.references is not None  # FactualitySpec requires it for scorer 'reference'
+                passages = read_references(f.references)
             labeler = labeler_for(f.labeler, ctx.models, "factuality.labeler")
             if f.scorer == "logprob":
                 self._scorer = LogprobScorer(labeler)
             elif f.scorer == "consistency":
                 self._scorer = ConsistencyScorer(labeler, f.num_questions, f.max_claims, f.temperature)
             else:
+                assert passages is not None  # scorer 'reference': read above
                 self._scorer = ReferenceScorer(labeler, passages, f.max_claims, f.passages_per_claim)
         return self._scorer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -100,7 +101,7 @@ def seq_of_key(session: Session, *, job_pk: int, key: str) -> int | None:
     return session.scalar(select(JobEvent.seq).where(JobEvent.job_pk == job_pk, JobEvent.idempotency_key == key))
 
 
-def list_events(session: Session, *, job_pk: int, after_seq: int, limit: int, types: list[str] | None = None) -> tuple[list[JobEvent], bool]:
+def list_events(session: Session, *, job_pk: int, after_seq: int, limit: int, types: Sequence[str] | None = None) -> tuple[list[JobEvent], bool]:
     """Oldest first, so a client can follow a job by passing the last id it saw."""
     query = select(JobEvent).where(JobEvent.job_pk == job_pk, JobEvent.seq > after_seq)
     if types:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from service.crud import events as events_crud
@@ -102,7 +103,8 @@ def _cas(session: Session, job_pk: int, accept: tuple[str, ...], owner: str | No
     statement = update(Job).where(Job.pk == job_pk, Job.status.in_(accept))
     if owner is not None:
         statement = statement.where(Job.lease_owner == owner)
-    result = session.execute(statement.values(updated_at=utcnow(), **values).execution_options(synchronize_session=False))
+    # an UPDATE answers with a CursorResult (Session.execute is typed as returning any Result)
+    result = cast(CursorResult[Any], session.execute(statement.values(updated_at=utcnow(), **values).execution_options(synchronize_session=False)))
     changed = result.rowcount == 1
     if changed and "status" in values:  # announced to the tenant's webhooks in this same transaction
         webhooks_crud.job_status_changed(session, job_pk=job_pk, status=values["status"])
@@ -162,7 +164,7 @@ def claim(session: Session, *, job_id: str, owner: str, lease_seconds: float, ta
         )
         .execution_options(synchronize_session=False)
     )
-    if session.execute(statement).rowcount != 1:
+    if cast(CursorResult[Any], session.execute(statement)).rowcount != 1:
         session.rollback()
         return None
     webhooks_crud.job_status_changed(session, job_pk=job.pk, status=RUNNING)

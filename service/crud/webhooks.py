@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Set
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import CursorResult, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from service.crud.events import storable
@@ -189,7 +191,7 @@ def job_status_changed(session: Session, *, job_pk: int, status: str) -> int:
 # --- dispatcher side ---------------------------------------------------------------------------
 
 
-def due_deliveries(session: Session, *, now: datetime, limit: int, skip_endpoints: set[int] = frozenset()) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
+def due_deliveries(session: Session, *, now: datetime, limit: int, skip_endpoints: Set[int] = frozenset()) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
     """Pending deliveries whose next attempt is due, oldest due first, with their endpoints."""
     query = (
         select(WebhookDelivery, WebhookEndpoint)
@@ -217,7 +219,7 @@ def claim(session: Session, *, delivery: WebhookDelivery, owner: str, now: datet
         .values(attempts=attempt, claimed_by=owner, next_attempt_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
-    claimed = session.execute(statement).rowcount == 1
+    claimed = cast(CursorResult[Any], session.execute(statement)).rowcount == 1  # an UPDATE answers with a CursorResult
     session.commit()
     return attempt if claimed else None
 
@@ -262,7 +264,7 @@ def record_attempt(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    recorded = session.execute(statement).rowcount == 1
+    recorded = cast(CursorResult[Any], session.execute(statement)).rowcount == 1
     session.commit()
     if recorded:
         delivery.attempt_log = log
