@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install demo test test-unit test-service bench services browser clean
+.PHONY: install demo lint test test-unit test-service bench services browser clean
 
 install: $(VENV)/.installed $(VENV)/.llama-cpp browser
 
@@ -43,7 +43,13 @@ demo: install
 services:
 	@bash tests/ensure_services.sh
 
-test: install services
+# ruff (lint and format check) and mypy (configured in pyproject.toml); any finding fails the build.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint services
 	$(PY) -m pytest -q --timeout 900
 
 test-unit: install
