@@ -20,7 +20,7 @@ from api.core.errors import install_error_handlers
 from api.core.limits import BodySizeLimitMiddleware
 from api.core.query import EmptyQueryValuesMiddleware
 from api.deps import install_request_state
-from api.routes import api_router, dashboard, health
+from api.routes import API_PREFIX, dashboard, health, resource_routers
 from service.broker import JobQueue
 from service.config import Settings, get_settings
 from service.db import session_factory
@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EmptyQueryValuesMiddleware)
     app.include_router(health.router)
     app.include_router(dashboard.router)  # the web dashboard at /
-    app.include_router(api_router)
+    for router in resource_routers:
+        app.include_router(router, prefix=API_PREFIX)
     if settings.metrics_enabled:
         _add_metrics(app)
     _document_error_bodies(app)
