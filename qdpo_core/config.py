@@ -141,8 +141,8 @@ class _Spec:
     def from_dict(cls, data: dict | None, prefix: str | None = None):
         prefix = cls.prefix if prefix is None else prefix
         data = dict(data or {})
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
+        hints = _type_hints(cls)
+        known = _field_names(cls)
         unknown = sorted(set(data) - known)
         if unknown:
             where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
@@ -179,6 +179,25 @@ def _url_host(url: str) -> str | None:
     except ValueError:
         return None
     return host if parts.scheme in ("http", "https") and host else None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints(cls), worked out once per class: it evaluates every annotation again on each call. Read only."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _nested_spec_type(hint: Any) -> type[_Spec] | None:
@@ -649,7 +668,7 @@ class PipelineSpec(_Spec):
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, "method", f"got {_shown(self.method)}; use one of {', '.join(METHODS)}")
-        for name, hint in typing.get_type_hints(type(self)).items():
+        for name, hint in _type_hints(type(self)).items():
             section = _nested_spec_type(hint)
             if section is not None:
                 _check(isinstance(getattr(self, name), section), name, f"give an object of {name} settings")
