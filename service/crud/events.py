@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import InvalidInput
@@ -50,6 +50,16 @@ def storable(value: Any) -> Any:
     return value
 
 
+# Built once (every event takes a number): building a statement and its cache key costs more than running it.
+_NEXT_SEQ = (
+    update(Job)
+    .where(Job.pk == bindparam("pk_"))
+    .values(event_seq=Job.event_seq + 1, updated_at=Job.updated_at)  # an event is not a change of the job's state
+    .returning(Job.event_seq)
+    .execution_options(synchronize_session=False)
+)
+
+
 def add_event(
     session: Session,
     *,
@@ -77,14 +87,7 @@ def add_event(
     """
     if key is not None and (existing := seq_of_key(session, job_pk=job_pk, key=key)) is not None:
         return existing
-    increment = (
-        update(Job)
-        .where(Job.pk == job_pk)
-        .values(event_seq=Job.event_seq + 1, updated_at=Job.updated_at)  # an event is not a change of the job's state
-        .returning(Job.event_seq)
-        .execution_options(synchronize_session=False)
-    )
-    seq = session.execute(increment).scalar()
+    seq = session.execute(_NEXT_SEQ, {"pk_": job_pk}).scalar()
     if seq is None:  # deleted meanwhile
         return None
     event = JobEvent(job_pk=job_pk, seq=seq, type=type, stage=stage, level=level, message=storable(message), step=step, total=total, data=storable(data or {}))

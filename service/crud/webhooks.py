@@ -17,7 +17,7 @@ from collections.abc import Set
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, func, select, update
+from sqlalchemy import CursorResult, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.crud.events import storable
@@ -135,16 +135,17 @@ def job_event_payload(row, event_type: str, at: datetime) -> dict:
     return {"type": event_type, "timestamp": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "data": data}
 
 
+# The endpoints of a job's tenant, asked on every status change of every job: one query, built once.
+_ENDPOINTS_OF_JOB = select(WebhookEndpoint).join(Job, Job.tenant_id == WebhookEndpoint.tenant_id).where(Job.pk == bindparam("job_pk_"))
+
+
 def job_status_changed(session: Session, *, job_pk: int, status: str) -> int:
     """Queue `job.<status>` for every endpoint of the job's tenant that subscribed to it, in the caller's
     transaction (so the deliveries exist exactly when the status change does). Returns how many."""
     event_type = f"job.{status}"
     if event_type not in EVENT_TYPES:
         return 0
-    tenant_id = session.scalar(select(Job.tenant_id).where(Job.pk == job_pk))
-    if tenant_id is None:
-        return 0
-    endpoints = [e for e in session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id)) if event_type in (e.events or [])]
+    endpoints = [e for e in session.scalars(_ENDPOINTS_OF_JOB, {"job_pk_": job_pk}) if event_type in (e.events or [])]
     if not endpoints:
         return 0
     # Read the row as the status change left it (a Core select: the session's identity map may hold an older copy).
