@@ -35,13 +35,16 @@ def validate_and_queue(session: Session, *, store: ArtifactStore, queue: JobQueu
     problem = input_problem(session, store, job)
     if problem is not None:
         jobs_crud.finish(session, job_pk=job.pk, owner=None, status=FAILED, accept=(VALIDATING,), message=problem["message"], level="error", error=problem)
-    elif jobs_crud.mark_queued(session, job_pk=job.pk, message="queued"):
-        enqueue(session, queue=queue, job=job)
+    elif jobs_crud.mark_queued(session, job_pk=job.pk, message="queued") and enqueue(session, queue=queue, job=job, refresh=True):
+        return  # reloaded as it was recorded enqueued
     session.refresh(job)
 
 
-def enqueue(session: Session, *, queue: JobQueue, job: Job, reason: str | None = None) -> bool:
-    """Send the job's id to the broker (after its state was committed). False if the broker failed."""
+def enqueue(session: Session, *, queue: JobQueue, job: Job, reason: str | None = None, refresh: bool = False) -> bool:
+    """Send the job's id to the broker (after its state was committed). False if the broker failed.
+
+    `refresh`: once sent, `job` is reloaded in the transaction that records it sent.
+    """
     try:
         task_id = queue.enqueue(job.id)
     except Exception as exc:
@@ -54,9 +57,11 @@ def enqueue(session: Session, *, queue: JobQueue, job: Job, reason: str | None =
         )
         session.commit()
         return False
-    jobs_crud.mark_enqueued(session, job_pk=job.pk, task_id=task_id)
+    jobs_crud.mark_enqueued(session, job_pk=job.pk, task_id=task_id, refresh=job if refresh and not reason else None)
     if reason:
         jobs_crud.add_status_event(session, job_pk=job.pk, message=reason)
+        if refresh:
+            session.refresh(job)
         session.commit()
     return True
 

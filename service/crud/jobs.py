@@ -134,8 +134,11 @@ _MARK_ENQUEUED = (
 )
 
 
-def mark_enqueued(session: Session, *, job_pk: int, task_id: str) -> None:
+def mark_enqueued(session: Session, *, job_pk: int, task_id: str, refresh: Job | None = None) -> None:
+    """Record the broker's task id; `refresh` is reloaded in the same transaction (no second one just to read it)."""
     session.execute(_MARK_ENQUEUED, {"pk_": job_pk, "task_id_": task_id, "at_": utcnow()})
+    if refresh is not None:
+        session.refresh(refresh)
     session.commit()
 
 
