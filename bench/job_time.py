@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from machine import describe, machine  # noqa: E402
+from machine import describe, machine, settings_of  # noqa: E402
 
 GOAL_SECONDS = 600
 
@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"settings": vars(args), "machine": info, "stage_seconds": seconds, "wall_seconds": round(wall, 1), "report_verdict": result.report["verdict"]},
+            {
+                "settings": settings_of(args),
+                "machine": info,
+                "stage_seconds": seconds,
+                "wall_seconds": round(wall, 1),
+                "report_verdict": result.report["verdict"],
+            },
             indent=1,
         )
     )

@@ -46,3 +46,8 @@ def describe(info: dict) -> str:
     cpu = info["cpu"]
     load = info.get("load_average_at_start")
     return f"{cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags']) or '–'}" + (f"; load average at start {load[0]}" if load else "")
+
+
+def settings_of(args) -> dict:
+    """A bench's command-line settings for its JSON, without the paths of this checkout (where it wrote, where it ran)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "runs_dir")}

@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from machine import describe, machine  # noqa: E402
+from machine import describe, machine, settings_of  # noqa: E402
 
 GOAL = 0.7
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "machine": info, "tokens": tokens, "rows": result}, indent=1))
+    out.write_text(json.dumps({"settings": settings_of(args), "machine": info, "tokens": tokens, "rows": result}, indent=1))
     out.with_suffix(".md").write_text(table + "\n")
     print(f"wrote {out}")
     return 0

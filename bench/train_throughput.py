@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from machine import describe, machine  # noqa: E402
+from machine import describe, machine, settings_of  # noqa: E402
 
 
 def matmul_gflops(seconds: float = 2.0) -> float:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "machine": info, "result": result}, indent=1))
+    out.write_text(json.dumps({"settings": settings_of(args), "machine": info, "result": result}, indent=1))
     out.with_suffix(".md").write_text(table + "\n")
     print(f"wrote {out}")
     torch.manual_seed(0)
