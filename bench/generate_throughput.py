@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="8,16", help="batch sizes for the batched runs (HF's and ours)")
+    parser.add_argument("--batch-sizes", default="8,16,32", help="batch sizes for the batched runs (HF's and ours)")
     parser.add_argument("--out", default=str(HERE / "results" / "generate_throughput.json"))
     args = parser.parse_args(argv)
 
