@@ -37,15 +37,16 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 	$(PIP) install -q -e '.[llama]'
 	touch $@
 
-# The dashboard tests drive Debian's Chromium with Playwright's Python API (installed with the test
-# extra; Playwright's own browser downloads are never used). Installed from Debian's packages when
+# The dashboard tests drive Debian's Chromium and Firefox ESR with Playwright's Python API (installed with
+# the test extra; Playwright's own browser downloads are never used). Installed from Debian's packages when
 # missing (as root, or with sudo); otherwise this stops with the command to run.
 CHROMIUM ?= /usr/bin/chromium
+FIREFOX  ?= /usr/bin/firefox-esr
 browser:
-	@test -x $(CHROMIUM) || { echo "installing Chromium from Debian's packages (the dashboard tests use it)"; \
+	@test -x $(CHROMIUM) -a -x $(FIREFOX) || { echo "installing Chromium and Firefox ESR from Debian's packages (the dashboard tests use them)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
-	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1; }; \
-	  test -x $(CHROMIUM) || { echo "ERROR: Chromium is not installed and could not be installed; run: sudo apt-get install -y chromium" >&2; exit 1; }; }
+	  $$SUDO apt-get install -y -q chromium firefox-esr >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium firefox-esr >/dev/null 2>&1; }; \
+	  test -x $(CHROMIUM) -a -x $(FIREFOX) || { echo "ERROR: Chromium or Firefox ESR is not installed and could not be installed; run: sudo apt-get install -y chromium firefox-esr" >&2; exit 1; }; }
 
 demo: install
 	$(PY) -m qdpo_cli.demo

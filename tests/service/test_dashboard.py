@@ -1,5 +1,7 @@
-"""The dashboard in a real browser: headless Chromium (Debian's package), driven by Playwright's
-Python API, against the real API with a job a real worker ran.
+"""The dashboard in real browsers: headless Chromium and Firefox (Debian's `chromium` and
+`firefox-esr` packages), driven by Playwright's Python API (Firefox over WebDriver BiDi, Playwright's
+`moz-firefox` channel: no patched browser download), against the real API with a job a real worker ran.
+Every test that opens a page runs in both browsers.
 
 It asserts what a user relies on: the training and held-out charts hold exactly the API's points
 (and are drawn), the before/after table shows the report's figures as report.md formats them, the
@@ -7,7 +9,8 @@ cancel button cancels, a wrong key says so, another tenant's job is not found, a
 sent only as a header, never in a URL. A missing browser or Playwright fails these tests with the
 fix (`make install` installs both); they are never skipped.
 
-`QDPO_DASHBOARD_SCREENSHOT=docs/dashboard-job.png` saves the job page it checked as a screenshot.
+`QDPO_DASHBOARD_SCREENSHOT=docs/dashboard-job.png` saves the job page it checked as a screenshot
+(Chromium's; Firefox's goes to docs/dashboard-job-firefox.png).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .helpers import raw
 pytestmark = pytest.mark.service
 
 CHROMIUM = os.environ.get("QDPO_TEST_CHROMIUM", "/usr/bin/chromium")
+FIREFOX = os.environ.get("QDPO_TEST_FIREFOX", "/usr/bin/firefox-esr")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -43,19 +47,26 @@ DASHBOARD_JOB = copy.deepcopy(TINY_JOB)
 DASHBOARD_JOB["method"]["hyperparameters"].update({"epochs": 2, "checkpoint_every": 1, "early_stopping_patience": 0})
 
 
-@pytest.fixture(scope="module")
-def browser():
+BROWSERS = {
+    "chromium": (CHROMIUM, "`make browser` (`apt-get install -y chromium` as root), or point QDPO_TEST_CHROMIUM at one"),
+    "firefox": (FIREFOX, "`make browser` (`apt-get install -y firefox-esr` as root), or point QDPO_TEST_FIREFOX at one"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BROWSERS))
+def browser(request):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("the dashboard tests need Playwright's Python package: run `make install` (or `.venv/bin/pip install -e '.[test]'`)", pytrace=False)
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"the dashboard tests need Chromium at {CHROMIUM}: run `make browser` (`apt-get install -y chromium` as root), or point QDPO_TEST_CHROMIUM at one",
-            pytrace=False,
-        )
+    executable, fix = BROWSERS[request.param]
+    if not Path(executable).exists():
+        pytest.fail(f"the dashboard tests need {request.param} at {executable}: run {fix}", pytrace=False)
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        if request.param == "chromium":
+            launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        else:
+            launched = playwright.firefox.launch(channel="moz-firefox", executable_path=executable, headless=True)
         yield launched
         launched.close()
 
@@ -64,7 +75,8 @@ class Session:
     """One browser context (its own sessionStorage) on the dashboard, recording every request it makes."""
 
     def __init__(self, browser, base_url: str, *, bypass_csp: bool = True):
-        # Playwright's wait_for_function evaluates strings, which the page's CSP forbids; one test runs without the bypass.
+        # The waits are arrow functions: Firefox polls a bare expression string with eval(), which the page's CSP forbids
+        # (and Playwright cannot bypass the CSP over WebDriver BiDi). One test runs without the bypass in both browsers.
         self.context = browser.new_context(viewport=VIEWPORT, bypass_csp=bypass_csp, accept_downloads=True)
         self.page = self.context.new_page()
         self.base_url = base_url
@@ -81,7 +93,7 @@ class Session:
 
     def open_job(self, job_id: str) -> None:
         self.page.goto(f"{self.base_url}/dashboard/#/jobs/{job_id}")
-        self.page.wait_for_function("window.qdpoDashboard && window.qdpoDashboard.ready")
+        self.page.wait_for_function("() => window.qdpoDashboard && window.qdpoDashboard.ready")
 
     def chart(self, name: str) -> list[list]:
         return self.page.evaluate(f"window.qdpoDashboard.charts[{name!r}].data.map((d) => Array.from(d))")
@@ -144,7 +156,7 @@ def test_the_job_page_draws_the_run_and_shows_the_report(worker_deployment, fini
     closed = report["gap_closed"]
     assert cells[7] == f"{_python_format(closed['token_flip_rate'], '{:.0%}')} / {_python_format(closed['kl'], '{:.0%}')}"
     page.click(f"a[href='#/jobs/{job.id}']")
-    page.wait_for_function("window.qdpoDashboard.ready && document.querySelector('#report-table')")
+    page.wait_for_function("() => window.qdpoDashboard.ready && document.querySelector('#report-table')")
 
     # training curves: one point per optimizer step, the API's values
     steps = [m.step for m in metrics]
@@ -204,31 +216,68 @@ def test_the_job_page_draws_the_run_and_shows_the_report(worker_deployment, fini
     assert page.evaluate("Array.from(document.querySelectorAll('#timeline li')).map((li) => [li.dataset.stage, li.className])") == [
         [stage, "stage-done"] for stage in ("prepare", "quantize", "baseline", "init", "pairs", "train", "evaluate", "export")
     ]
-    page.wait_for_function(f"document.querySelectorAll('#events li').length === {len(finished['events'])}")
+    page.wait_for_function(f"() => document.querySelectorAll('#events li').length === {len(finished['events'])}")
     assert page.inner_text("#events li:last-child").endswith(finished["events"][-1].message)
     assert page.query_selector("#cancel-job").is_hidden()  # nothing to cancel
 
     # the adapter downloads, byte for byte
-    with page.expect_download() as download:
-        page.click("#downloads button")
-    saved = Path(download.value.path())
-    assert hashlib.sha256(saved.read_bytes()).hexdigest() == job.adapter.sha256
-    assert download.value.suggested_filename == f"{job.id}-adapter.tar.gz"
+    if page.context.browser.browser_type.name == "chromium":
+        with page.expect_download() as download:
+            page.click("#downloads button")
+        saved_name, saved_sha256 = download.value.suggested_filename, hashlib.sha256(Path(download.value.path()).read_bytes()).hexdigest()
+    else:
+        saved_name, saved_sha256 = _blob_download(page, "#downloads button")
+    assert saved_sha256 == job.adapter.sha256
+    assert saved_name == f"{job.id}-adapter.tar.gz"
 
     # the key went as a header and never into a URL
     api_calls = [r for r in browser.requests if "/v1/" in r.url]
     assert api_calls and all(r.headers.get("authorization") == f"Bearer {key}" for r in api_calls)
     assert not [r.url for r in browser.requests if key in r.url or key[8:20] in r.url]
     if target := os.environ.get("QDPO_DASHBOARD_SCREENSHOT"):
+        engine = page.context.browser.browser_type.name
+        if engine != "chromium":  # docs/dashboard-job.png is Chromium's; the others sit beside it
+            target = str(Path(target).with_stem(f"{Path(target).stem}-{engine}"))
         page.click("#job-id")  # no focus ring or hover in the picture
         page.screenshot(path=target, full_page=True)
+
+
+def _blob_download(page, selector: str) -> tuple[str, str]:
+    """The file name and sha256 of what the page hands the browser to save, read in the page itself.
+
+    Firefox over WebDriver BiDi reports downloads of a URL but not of a blob: URL (which is how the
+    page saves what it fetched with the key as a header), so there the test catches the blob and the
+    name at the link the page clicks.
+    """
+    page.evaluate(
+        """() => {
+             window.__saved = [];
+             const blobs = new Map(), create = URL.createObjectURL, click = HTMLAnchorElement.prototype.click;
+             URL.createObjectURL = (blob) => { const url = create.call(URL, blob); blobs.set(url, blob); return url; };
+             HTMLAnchorElement.prototype.click = function () {
+               if (blobs.has(this.href)) window.__saved.push({ name: this.download, blob: blobs.get(this.href) });
+               return click.call(this);
+             };
+           }"""
+    )
+    page.click(selector)
+    page.wait_for_function("() => window.__saved.length === 1")
+    return tuple(
+        page.evaluate(
+            """async () => {
+                 const { name, blob } = window.__saved[0];
+                 const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await blob.arrayBuffer()));
+                 return [name, Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("")];
+               }"""
+        )
+    )
 
 
 def test_numbers_are_formatted_as_report_md_formats_them(api_deployment, session):
     """Python rounds the exact binary value half to even ("{:.1%}" of 0.90625 is 90.6%); JavaScript's toFixed does not."""
     browser = session(api_deployment.base_url)
     browser.page.goto(api_deployment.base_url + "/dashboard/")
-    browser.page.wait_for_function("window.qdpoDashboard && window.qdpoDashboard.formatValue")
+    browser.page.wait_for_function("() => window.qdpoDashboard && window.qdpoDashboard.formatValue")
     values = [
         0.0,
         -0.0,
@@ -269,12 +318,12 @@ def test_the_cancel_button_cancels_and_the_jobs_page_follows(api_deployment, ses
         row = page.wait_for_selector(f"#jobs-table tr[data-job='{job_id}']", timeout=10_000)  # the page updates itself
         assert "queued" in row.inner_text()
         page.click(f"a[href='#/jobs/{job_id}']")
-        page.wait_for_function("window.qdpoDashboard.ready")
+        page.wait_for_function("() => window.qdpoDashboard.ready")
         assert page.inner_text("#job-status") == "queued"
         dialogs = []
         page.once("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
         page.click("#cancel-job")
-        page.wait_for_function("document.querySelector('#job-status').textContent === 'cancelled'")
+        page.wait_for_function("() => document.querySelector('#job-status').textContent === 'cancelled'")
         assert dialogs and job_id in dialogs[0]
         assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
         page.wait_for_selector("#events li:has-text('cancelled before it started')")  # the live event stream
