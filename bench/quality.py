@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, machine, settings_of  # noqa: E402
 
 HERE = Path(__file__).parent
 QUANTS = {
@@ -39,6 +41,8 @@ METHODS = {
     "init-r64": {"method": "kd", "train": {"epochs": 0, "lora_rank": 64}},
     "init-cal256": {"method": "kd", "train": {"epochs": 0, "init_calibration_prompts": 256}},
     "kd-identity": {"method": "kd", "train": {"learning_rate": 2e-4, "init": "identity"}},
+    # KD from an init calibrated on 256 prompts: with --train-prompts 256, four times the data and the steps of "kd".
+    "kd-cal256": {"method": "kd", "train": {"learning_rate": 2e-4, "init_calibration_prompts": 256}},
     "kd-cakld": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "cakld"}},
     "kd-reverse": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "reverse"}},
     "kd-onpolicy": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_on_policy_fraction": 0.5}},
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rows = []
+    machine_info = machine()  # before the runs: the load average at start is the machine's, not the bench's
+    print(f"machine: {describe(machine_info)}", flush=True)
     if args.quants or args.methods:
         runs = [(q, m) for q in (args.quants or "nf4,rtn3").split(",") for m in (args.methods or "qdpo,kd").split(",")]
     else:
@@ -280,9 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "runs_dir")}
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine()}
-    out.write_text(json.dumps({"settings": settings, "machine": machine, "rows": rows}, indent=1))
+    settings = {k: v for k, v in settings_of(args).items() if k != "fresh"}
+    out.write_text(json.dumps({"settings": settings, "machine": machine_info, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
