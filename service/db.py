@@ -12,6 +12,7 @@ database therefore fails fast, and `database_unavailable` turns such failures in
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,14 +71,41 @@ def make_engine(url: str, pooled: bool = True, options: DatabaseOptions | None =
     if not pooled:  # migrations and commands may take their time, but not to find the database gone
         connect_args.pop("options", None)
         return create_engine(url, connect_args=connect_args, **pool_args)
-    return create_engine(
+    postgres = make_url(url).get_backend_name() == "postgresql"
+    engine = create_engine(
         url,
         connect_args=connect_args,
-        pool_pre_ping=options.pre_ping,
+        pool_pre_ping=options.pre_ping and not postgres,
         pool_size=options.pool_size,
         max_overflow=options.max_overflow,
         pool_timeout=options.pool_timeout,
     )
+    if options.pre_ping and postgres:
+        _ping_when_spoken_to(engine)
+    return engine
+
+
+def _ping_when_spoken_to(engine: Engine) -> None:
+    """Pre-ping for Postgres without a round trip per checkout (SQLAlchemy's sends `SELECT 1` every time).
+
+    An idle connection in the pool has nothing to read. A server that shuts down, restarts or ends the
+    backend sends its goodbye and closes the socket (as a peer that aborts the connection resets it),
+    so a readable socket is what a broken connection looks like: only then is the real ping sent, and
+    if it fails the pool is invalidated and a new connection made, exactly as with pool_pre_ping.
+    """
+    dialect = engine.dialect
+
+    def check(dbapi_connection, _record, _proxy) -> None:
+        try:
+            poller = select.poll()
+            poller.register(dbapi_connection.fileno(), select.POLLIN)
+            quiet = not poller.poll(0)
+        except Exception:  # closed already, or no socket to ask: the real ping decides
+            quiet = False
+        if not quiet and not dialect._do_ping_w_event(dbapi_connection):
+            raise sa_exc.InvalidatePoolError()  # the pool retries the checkout on a new connection
+
+    event.listen(engine, "checkout", check)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
