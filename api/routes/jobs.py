@@ -78,7 +78,9 @@ def create_job(
         idempotency_key=idempotency_key,
     )
     try:
-        jobs_crud.create_job(session, job=job)
+        # A job with input files is committed before they are hashed once more, which can take a while;
+        # one without is queued in the transaction that creates it (one commit fewer).
+        jobs_crud.create_job(session, job=job, commit=bool(inputs))
     except IntegrityError:  # the same idempotency key raced in from a parallel retry
         session.rollback()
         earlier = jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key or "")

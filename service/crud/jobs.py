@@ -35,11 +35,13 @@ def add_status_event(session: Session, *, job_pk: int, message: str, level: str 
     events_crud.add_event(session, job_pk=job_pk, type="status", stage=None, level=level, message=message, data=data)
 
 
-def create_job(session: Session, *, job: Job) -> Job:
+def create_job(session: Session, *, job: Job, commit: bool = True) -> Job:
+    """Insert the job (validating) and its first event; `commit=False` leaves them to the caller's next commit."""
     session.add(job)
     session.flush()
     add_status_event(session, job_pk=job.pk, message="job created; checking its input files")
-    session.commit()
+    if commit:
+        session.commit()
     return job
 
 
@@ -132,13 +134,17 @@ _MARK_ENQUEUED = (
     .values(task_id=bindparam("task_id_"), enqueued_at=bindparam("at_"))
     .execution_options(synchronize_session=False)
 )
+# The same UPDATE answering with the whole row, which overwrites the session's copy of the job.
+_MARK_ENQUEUED_RETURNING = _MARK_ENQUEUED.returning(Job).execution_options(populate_existing=True)
 
 
 def mark_enqueued(session: Session, *, job_pk: int, task_id: str, refresh: Job | None = None) -> None:
-    """Record the broker's task id; `refresh` is reloaded in the same transaction (no second one just to read it)."""
-    session.execute(_MARK_ENQUEUED, {"pk_": job_pk, "task_id_": task_id, "at_": utcnow()})
-    if refresh is not None:
-        session.refresh(refresh)
+    """Record the broker's task id; `refresh` is reloaded from the row the UPDATE returns (no SELECT, no second transaction)."""
+    params = {"pk_": job_pk, "task_id_": task_id, "at_": utcnow()}
+    if refresh is not None and session.scalars(_MARK_ENQUEUED_RETURNING, params).one_or_none() is None:
+        session.refresh(refresh)  # deleted meanwhile: as before, the refresh says so
+    elif refresh is None:
+        session.execute(_MARK_ENQUEUED, params)
     session.commit()
 
 
