@@ -9,12 +9,17 @@ from service.errors import InvalidInput
 from service.security import looks_like_id
 
 
+def cursor_pk(session: Session, *, model, after: str, tenant_id: str) -> int:
+    """The pk of the row `after` names: the next page has the rows of smaller pk."""
+    pk = session.scalar(select(model.pk).where(model.id == after, model.tenant_id == tenant_id)) if looks_like_id(after) else None
+    if pk is None:
+        raise InvalidInput(f"after: {after[:80]!r} is not an id from a previous page of this list", "after", code="invalid_cursor")
+    return pk
+
+
 def page(session: Session, *, query: Select, model, after: str | None, limit: int, tenant_id: str) -> tuple[list, bool]:
     """One page of `query` (already filtered to the tenant), ordered by pk descending."""
     if after is not None:
-        cursor_pk = session.scalar(select(model.pk).where(model.id == after, model.tenant_id == tenant_id)) if looks_like_id(after) else None
-        if cursor_pk is None:
-            raise InvalidInput(f"after: {after[:80]!r} is not an id from a previous page of this list", "after", code="invalid_cursor")
-        query = query.where(model.pk < cursor_pk)
+        query = query.where(model.pk < cursor_pk(session, model=model, after=after, tenant_id=tenant_id))
     rows = list(session.scalars(query.order_by(model.pk.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
