@@ -12,8 +12,9 @@ database therefore fails fast, and `database_unavailable` turns such failures in
 
 from __future__ import annotations
 
+import json
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +27,32 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from service.errors import Unavailable
+
+_fast_loads: Callable[[bytes], Any] | None
+try:
+    from orjson import loads as _fast_loads
+except ImportError:  # the standard library's parser does the same, only slower
+    _fast_loads = None
+
+# A number of 20 digits or more may be an integer beyond 64 bits, which orjson reads as a float. Every
+# digit made a "0", such a number is a run of 20 zeros: found faster than by a regular expression.
+_DIGITS_AS_ZEROS = bytes.maketrans(b"0123456789", b"0" * 10)
+_TWENTY_DIGITS = b"0" * 20
+
+
+def json_loads(data: bytes | str) -> Any:
+    """The JSON columns' parser: what json.loads returns, by orjson where that is the same.
+
+    Reading the JSON of every listed job was a sixth of the CPU of a list request; orjson parses it
+    several times faster. It reads integers of 64 bits and more as floats and refuses numbers out of a
+    float's range, so such text (rare: a job's settings are bounded) goes to json.loads as before.
+    """
+    if _fast_loads is not None and isinstance(data, bytes) and _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZEROS):
+        try:
+            return _fast_loads(data)
+        except ValueError:
+            pass
+    return json.loads(data)
 
 
 @dataclass(frozen=True)
@@ -67,14 +94,16 @@ def make_engine(url: str, pooled: bool = True, options: DatabaseOptions | None =
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool_args)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    connect_args = options.postgres_connect_args() if make_url(url).get_backend_name() == "postgresql" else {}
+    postgres = make_url(url).get_backend_name() == "postgresql"
+    connect_args = options.postgres_connect_args() if postgres else {}
+    json_args = {"json_deserializer": json_loads} if postgres else {}
     if not pooled:  # migrations and commands may take their time, but not to find the database gone
         connect_args.pop("options", None)
-        return create_engine(url, connect_args=connect_args, **pool_args)
-    postgres = make_url(url).get_backend_name() == "postgresql"
+        return create_engine(url, connect_args=connect_args, **json_args, **pool_args)
     engine = create_engine(
         url,
         connect_args=connect_args,
+        **json_args,
         pool_pre_ping=options.pre_ping and not postgres,
         pool_size=options.pool_size,
         max_overflow=options.max_overflow,
