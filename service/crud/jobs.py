@@ -17,8 +17,9 @@ import json
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Select, bindparam, select, update
+from sqlalchemy import CursorResult, Select, Update, bindparam, select, update
 from sqlalchemy.orm import Session, load_only
+from sqlalchemy.sql.elements import ClauseElement
 
 from service.crud import events as events_crud
 from service.crud import webhooks as webhooks_crud
@@ -147,12 +148,35 @@ def list_jobs(session: Session, *, tenant_id: str, status: str | None, after: st
     return rows[:limit], len(rows) > limit
 
 
+_CAS_STATEMENTS: dict[tuple[bool, tuple[str, ...]], Update] = {}
+
+
+def _cas_statement(with_owner: bool, columns: tuple[str, ...]) -> Update:
+    """The compare-and-set UPDATE of these columns, built once per shape (its values and states are parameters)."""
+    key = (with_owner, columns)
+    statement = _CAS_STATEMENTS.get(key)
+    if statement is None:
+        statement = update(Job).where(Job.pk == bindparam("cas_pk"), Job.status.in_(bindparam("cas_accept", expanding=True)))
+        if with_owner:
+            statement = statement.where(Job.lease_owner == bindparam("cas_owner"))
+        statement = statement.values({name: bindparam(f"cas_{name}") for name in columns}).execution_options(synchronize_session=False)
+        _CAS_STATEMENTS[key] = statement
+    return statement
+
+
 def _cas(session: Session, job_pk: int, accept: tuple[str, ...], owner: str | None = None, **values) -> bool:
-    statement = update(Job).where(Job.pk == job_pk, Job.status.in_(accept))
-    if owner is not None:
-        statement = statement.where(Job.lease_owner == owner)
+    values["updated_at"] = utcnow()
+    if any(isinstance(value, ClauseElement) for value in values.values()):  # an SQL expression is part of the statement
+        statement = update(Job).where(Job.pk == job_pk, Job.status.in_(accept))
+        if owner is not None:
+            statement = statement.where(Job.lease_owner == owner)
+        statement, params = statement.values(**values).execution_options(synchronize_session=False), {}
+    else:
+        # building the statement and its cache key cost more CPU than running it (about 0.1 ms)
+        statement = _cas_statement(owner is not None, tuple(sorted(values)))
+        params = {"cas_pk": job_pk, "cas_accept": list(accept), "cas_owner": owner, **{f"cas_{name}": value for name, value in values.items()}}
     # an UPDATE answers with a CursorResult (Session.execute is typed as returning any Result)
-    result = cast(CursorResult[Any], session.execute(statement.values(updated_at=utcnow(), **values).execution_options(synchronize_session=False)))
+    result = cast(CursorResult[Any], session.execute(statement, params))
     changed = result.rowcount == 1
     if changed and "status" in values:  # announced to the tenant's webhooks in this same transaction
         webhooks_crud.job_status_changed(session, job_pk=job_pk, status=values["status"])
