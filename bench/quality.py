@@ -43,6 +43,7 @@ METHODS = {
     "kd-identity": {"method": "kd", "train": {"learning_rate": 2e-4, "init": "identity"}},
     # KD from an init calibrated on 256 prompts: with --train-prompts 256, four times the data and the steps of "kd".
     "kd-cal256": {"method": "kd", "train": {"learning_rate": 2e-4, "init_calibration_prompts": 256}},
+    "kd-cal256-lr5e-4": {"method": "kd", "train": {"learning_rate": 5e-4, "init_calibration_prompts": 256}},
     "kd-cakld": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "cakld"}},
     "kd-reverse": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_objective": "reverse"}},
     "kd-onpolicy": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_on_policy_fraction": 0.5}},
