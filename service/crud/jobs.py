@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Select, Update, bindparam, select, update
@@ -23,7 +24,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from service.crud import events as events_crud
 from service.crud import webhooks as webhooks_crud
-from service.crud.pagination import cursor_pk
+from service.crud.pagination import cursor_pk, split_page
 from service.errors import InvalidInput
 from service.security import looks_like_id
 from service.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, utcnow
@@ -144,37 +145,32 @@ def list_jobs(session: Session, *, tenant_id: str, status: str | None, after: st
     params: dict[str, Any] = {"tenant_id": tenant_id, "status": status, "limit_": limit + 1}
     if after is not None:
         params["cursor_pk"] = cursor_pk(session, model=Job, after=after, tenant_id=tenant_id)
-    rows = list(session.scalars(_JOB_PAGES[bool(status), after is not None], params))
-    return rows[:limit], len(rows) > limit
+    return split_page(session.scalars(_JOB_PAGES[bool(status), after is not None], params), limit)
 
 
-_CAS_STATEMENTS: dict[tuple[bool, tuple[str, ...]], Update] = {}
+def _cas_where(with_owner: bool) -> Update:
+    """The compare-and-set UPDATE's condition: this job, in one of the accepted states (and leased to the owner)."""
+    statement = update(Job).where(Job.pk == bindparam("cas_pk"), Job.status.in_(bindparam("cas_accept", expanding=True)))
+    if with_owner:
+        statement = statement.where(Job.lease_owner == bindparam("cas_owner"))
+    return statement.execution_options(synchronize_session=False)
 
 
+@cache
 def _cas_statement(with_owner: bool, columns: tuple[str, ...]) -> Update:
-    """The compare-and-set UPDATE of these columns, built once per shape (its values and states are parameters)."""
-    key = (with_owner, columns)
-    statement = _CAS_STATEMENTS.get(key)
-    if statement is None:
-        statement = update(Job).where(Job.pk == bindparam("cas_pk"), Job.status.in_(bindparam("cas_accept", expanding=True)))
-        if with_owner:
-            statement = statement.where(Job.lease_owner == bindparam("cas_owner"))
-        statement = statement.values({name: bindparam(f"cas_{name}") for name in columns}).execution_options(synchronize_session=False)
-        _CAS_STATEMENTS[key] = statement
-    return statement
+    """The compare-and-set UPDATE of these columns, built once per shape (its values are parameters too)."""
+    return _cas_where(with_owner).values({name: bindparam(f"cas_{name}") for name in columns})
 
 
 def _cas(session: Session, job_pk: int, accept: tuple[str, ...], owner: str | None = None, **values) -> bool:
     values["updated_at"] = utcnow()
+    params: dict[str, Any] = {"cas_pk": job_pk, "cas_accept": list(accept), "cas_owner": owner}
     if any(isinstance(value, ClauseElement) for value in values.values()):  # an SQL expression is part of the statement
-        statement = update(Job).where(Job.pk == job_pk, Job.status.in_(accept))
-        if owner is not None:
-            statement = statement.where(Job.lease_owner == owner)
-        statement, params = statement.values(**values).execution_options(synchronize_session=False), {}
+        statement = _cas_where(owner is not None).values(**values)
     else:
         # building the statement and its cache key cost more CPU than running it (about 0.1 ms)
         statement = _cas_statement(owner is not None, tuple(sorted(values)))
-        params = {"cas_pk": job_pk, "cas_accept": list(accept), "cas_owner": owner, **{f"cas_{name}": value for name, value in values.items()}}
+        params.update({f"cas_{name}": value for name, value in values.items()})
     # an UPDATE answers with a CursorResult (Session.execute is typed as returning any Result)
     result = cast(CursorResult[Any], session.execute(statement, params))
     changed = result.rowcount == 1

@@ -21,5 +21,10 @@ def page(session: Session, *, query: Select, model, after: str | None, limit: in
     """One page of `query` (already filtered to the tenant), ordered by pk descending."""
     if after is not None:
         query = query.where(model.pk < cursor_pk(session, model=model, after=after, tenant_id=tenant_id))
-    rows = list(session.scalars(query.order_by(model.pk.desc()).limit(limit + 1)))
+    return split_page(session.scalars(query.order_by(model.pk.desc()).limit(limit + 1)), limit)
+
+
+def split_page(rows, limit: int) -> tuple[list, bool]:
+    """The page and whether there is more, from a query that asked for `limit + 1` rows."""
+    rows = list(rows)
     return rows[:limit], len(rows) > limit
