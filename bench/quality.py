@@ -40,6 +40,11 @@ METHODS = {
     "init-svd": {"method": "kd", "train": {"epochs": 0, "init": "svd"}},
     "init-r64": {"method": "kd", "train": {"epochs": 0, "lora_rank": 64}},
     "init-cal256": {"method": "kd", "train": {"epochs": 0, "init_calibration_prompts": 256}},
+    # the parts of the default init one at a time: uniform ranks; no output (gradient) weighting; neither (the init before both)
+    "init-uniform": {"method": "kd", "train": {"epochs": 0, "rank_allocation": "uniform"}},
+    "init-input-alloc": {"method": "kd", "train": {"epochs": 0, "init_output_weighting": "none"}},
+    "init-input": {"method": "kd", "train": {"epochs": 0, "init_output_weighting": "none", "rank_allocation": "uniform"}},
+    "kd-input": {"method": "kd", "train": {"learning_rate": 2e-4, "init_output_weighting": "none", "rank_allocation": "uniform"}},
     "kd-identity": {"method": "kd", "train": {"learning_rate": 2e-4, "init": "identity"}},
     # KD from an init calibrated on 256 prompts: with --train-prompts 256, four times the data and the steps of "kd".
     "kd-cal256": {"method": "kd", "train": {"learning_rate": 2e-4, "init_calibration_prompts": 256}},
@@ -115,6 +120,9 @@ SHARED_STAGES = {
             "init_calibration_prompts",
             "init_damping",
             "init_max_full_gram_dim",
+            "rank_allocation",
+            "init_output_weighting",
+            "init_gradient_samples",
             "lora_rank",
             "lora_alpha",
             "target_modules",

@@ -40,6 +40,8 @@ GGUF_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}
 LOSSES = ("sigmoid", "hinge", "ipo")
 SELECTION_METRICS = ("kl", "token_flip_rate")
 INITS = ("identity", "svd", "calibrated")  # qdpo_core.calibrate implements them
+RANK_ALLOCATIONS = ("uniform", "calibrated")
+OUTPUT_WEIGHTINGS = ("gradient", "none")
 KD_OBJECTIVES = ("forward", "reverse", "cakld")
 REJECTED_MODELS = ("init", "ptq")
 KD_POSITIONS = ("answer", "all")
@@ -534,6 +536,20 @@ class TrainSpec(_Spec):
         "calibrated init: layers with more inputs than this use the diagonal of the Gram matrix (per-channel RMS) instead of all of it; 0 = always the diagonal.",
         default=8192,
     )
+    init_output_weighting: str = _help(
+        "calibrated init: gradient weighs each layer's output directions by the FP model's loss gradients there (the Fisher "
+        "information, from answers sampled by the FP model), so the adapter repairs what changes the answers most; none weighs them equally.",
+        choices=OUTPUT_WEIGHTINGS,
+        default="gradient",
+    )
+    init_gradient_samples: int = _help("calibrated init, gradient weighting: answers sampled per calibration sequence.", default=2)
+    rank_allocation: str | None = _help(
+        "How the adapter's ranks are spread over its layers: uniform (lora_rank in every layer) or calibrated (the same number of "
+        "parameters, more rank where the calibrated quantization error is largest, up to 4 × lora_rank; needs init: calibrated). "
+        "Empty = calibrated with the calibrated init, else uniform.",
+        choices=RANK_ALLOCATIONS,
+        default=None,
+    )
     kd_objective: str = _help(
         "Distillation divergence per answer token: forward KL(FP‖model), reverse KL(model‖FP), or cakld "
         "(BitDistiller's confidence-aware mix: reverse weighted by the FP model's confidence in the token, forward by the rest).",
@@ -599,6 +615,16 @@ class TrainSpec(_Spec):
             f"got {_shown(self.init_damping)}; use a number in (0, 10] such as 0.01",
         )
         _check_int(self.init_max_full_gram_dim, f"{p}.init_max_full_gram_dim", 0, 65536)
+        _check_choice(self.init_output_weighting, f"{p}.init_output_weighting", OUTPUT_WEIGHTINGS)
+        _check_int(self.init_gradient_samples, f"{p}.init_gradient_samples", 1, 64)
+        if self.rank_allocation is None:
+            self.rank_allocation = "calibrated" if self.init == "calibrated" else "uniform"
+        _check_choice(self.rank_allocation, f"{p}.rank_allocation", RANK_ALLOCATIONS)
+        _check(
+            self.rank_allocation == "uniform" or self.init == "calibrated",
+            f"{p}.rank_allocation",
+            f"'{self.rank_allocation}' spreads the ranks by the calibrated error; set {p}.init to 'calibrated' or use rank_allocation 'uniform'",
+        )
         _check_choice(self.kd_objective, f"{p}.kd_objective", KD_OBJECTIVES)
         _check_choice(self.kd_positions, f"{p}.kd_positions", KD_POSITIONS)
         _check(

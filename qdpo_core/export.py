@@ -158,6 +158,7 @@ def llama_cpp_command(base_file: str, adapter_file: str = "adapter.gguf") -> str
 def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
     """Write adapter.gguf (and model-<TYPE>.gguf when the job quantized to a type) into `target`; their manifest entry."""
     import torch
+    from peft.utils.other import get_pattern_key  # how PEFT itself finds a layer's entry in alpha_pattern
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -166,9 +167,7 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
 
     adapter_dir = target / "adapter"
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("alpha_pattern") or config.get("rank_pattern"):
-        raise SpecError("train.lora_rank: adapter.gguf holds one LoRA alpha; per-layer ranks or alphas cannot be written", param="train.lora_rank")
-    alpha = float(config["lora_alpha"])
+    alpha = float(config["lora_alpha"])  # adapter.gguf holds one alpha; llama.cpp scales each tensor by alpha / its own rank
     state = load_file(adapter_dir / "adapter_model.safetensors")
     lora: dict[str, dict[str, Any]] = {}
     for key, tensor in state.items():
@@ -177,9 +176,12 @@ def export_gguf(spec: PipelineSpec, target: Path, model_dir: Path) -> dict:
                 module = key.removeprefix("base_model.model.").removesuffix(part)
                 lora.setdefault(module, {})[part] = tensor.float().numpy()
     layers = {}
+    alpha_pattern = config.get("alpha_pattern") or {}
     for module, parts in lora.items():
         rank = parts[".lora_A.weight"].shape[0]
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        # PEFT's scaling of this layer (per-layer alphas from the rank allocation); write_adapter rescales B to match
+        layer_alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha))
+        scaling = layer_alpha / math.sqrt(rank) if config.get("use_rslora") else layer_alpha / rank
         layers[module] = (parts[".lora_A.weight"], parts[".lora_B.weight"], scaling)
     try:
         ranks = gguf_files.write_adapter(target / gguf_files.ADAPTER_FILE, model_dir, layers, alpha, f"{spec.model.name} qdpo adapter")

@@ -133,13 +133,42 @@ class Run:
 
     def init(self, emitter: Emitter) -> dict:
         """Step 0: the LoRA adapter initialised from the quantization error, kept only if it beats PTQ-only."""
-        from qdpo_core.calibrate import initialise_adapter
-        from qdpo_core.train import make_policy, reset_to_identity
+        from qdpo_core.calibrate import GradientGramCollector, collect_grams, initialise_adapter, plan_ranks
+        from qdpo_core.train import make_policy, reset_to_identity, target_layer_names
 
         spec = self.spec.train
-        policy = self.models.policy = make_policy(self.models.student, spec, self.spec.seed, self.spec.model.name)
         batches = self._calibration_batches(emitter) if spec.init == "calibrated" else None
         emitter.log(f"initialising the adapter: {spec.init}" + (f" on {sum(len(b.input_ids) for b in batches)} calibration sequences" if batches else ""))
+        collector, gradients, ranks, ladders = None, None, None, None
+        timings: dict[str, float] = {}
+        if spec.init == "calibrated":
+            started = time.monotonic()
+            names = target_layer_names(self.models.student, spec.target_modules)
+            collector = collect_grams(self.models.teacher, names, batches or [])
+            if spec.init_output_weighting == "gradient":
+                gradients = GradientGramCollector(self.models.teacher, names, spec.init_gradient_samples, self.spec.seed)
+                gradients.run(batches or [], on_batch=lambda number, total: emitter.progress(number, total, f"init: loss gradients, batch {number}/{total}"))
+            timings["activations_seconds"] = round(time.monotonic() - started, 2)
+            emitter.log(f"calibration activations{' and loss gradients' if gradients else ''} in {timings['activations_seconds']:.0f} s")
+        if spec.rank_allocation == "calibrated":
+            started = time.monotonic()
+            assert collector is not None  # the spec allows this allocation with the calibrated init only
+            ranks, ladders = plan_ranks(
+                self.models.student,
+                self.models.teacher,
+                names,
+                collector,
+                spec.lora_rank,
+                spec.init_damping,
+                spec.init_max_full_gram_dim,
+                gradients=gradients,
+            )
+            timings["allocation_seconds"] = round(time.monotonic() - started, 2)
+            emitter.log(
+                f"ranks allocated by the calibrated error in {timings['allocation_seconds']:.0f} s: {_rank_summary(ranks)} "
+                f"(the parameters of rank {spec.lora_rank} everywhere)"
+            )
+        policy = self.models.policy = make_policy(self.models.student, spec, self.spec.seed, self.spec.model.name, ranks)
         result = initialise_adapter(
             policy,
             self.models.teacher,
@@ -148,8 +177,17 @@ class Run:
             damping=spec.init_damping,
             max_full_gram_dim=spec.init_max_full_gram_dim,
             on_layer=lambda number, total: emitter.progress(number, total, f"init: layer {number}/{total}"),
+            collector=collector,
+            gradients=gradients,
+            ladders=ladders,
         )
         summary = result.to_dict()
+        summary["timings"].update(timings)
+        summary["seconds"] = round(result.seconds + sum(timings.values()), 2)
+        summary["rank_allocation"] = spec.rank_allocation
+        if ranks is not None:
+            summary["rank"] = spec.lora_rank
+            summary["ranks"] = ranks
         summary["kept"] = True
         if spec.init != "identity":
             metrics = self.evaluator.teacher_forced(policy)
@@ -208,7 +246,8 @@ class Run:
 
             from qdpo_core.train import make_policy
 
-            policy = make_policy(self.models.student, self.spec.train, self.spec.seed, self.spec.model.name)
+            ranks = self.finished("init").get("ranks")
+            policy = make_policy(self.models.student, self.spec.train, self.spec.seed, self.spec.model.name, ranks)
             set_peft_model_state_dict(policy, load_file(self.workdir / "init" / "adapter" / "adapter_model.safetensors"))
             self.models.policy = policy
         return self.models.policy
@@ -451,12 +490,16 @@ class Run:
             "init",
             "kept",
             "rank",
+            "rank_allocation",
+            "ranks",
             "metrics",
             "seconds",
             "calibration_sequences",
             "calibration_tokens",
             "full_gram_layers",
             "diagonal_layers",
+            "output_weighting",
+            "gradient_draws",
             "relative_error",
         )
         return {k: init[k] for k in keys if k in init}
@@ -479,6 +522,14 @@ class Run:
         manifest = export(self.spec, self.workdir / self.finished("train")["best_dir"], report, self.workdir / "export", self.models.model_dir)
         emitter.log("exported the adapter, manifest and report to export/")
         return {"files": len(manifest["files"])}
+
+
+def _rank_summary(ranks: dict[str, int]) -> str:
+    """'q_proj 4–40 (mean 12.1), …' per layer kind, for the log."""
+    kinds: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    return ", ".join(f"{kind} {min(r)}–{max(r)} (mean {sum(r) / len(r):.1f})" for kind, r in sorted(kinds.items()))
 
 
 def run_pipeline(

@@ -70,13 +70,16 @@ class TrainState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None = None):
+def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None = None, ranks: dict[str, int] | None = None):
     """Wrap the frozen quantized model with fresh LoRA adapters (seeded; B = 0, the identity).
 
     `base_model_name` is what the saved adapter_config.json names as its base (the model's registered
     name), never the directory it was loaded from. Unknown `target_modules` fail here with the names
-    the model has, before any work is done.
+    the model has, before any work is done. `ranks` (layer name → rank, from the calibrated rank
+    allocation) overrides `lora_rank` per layer, with lora_alpha scaled alike so every layer keeps
+    the scaling alpha / r; layers given rank 0 get no adapter.
     """
+    import re
     import warnings
 
     from peft import LoraConfig, get_peft_model
@@ -84,11 +87,17 @@ def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None
     check_target_modules(student, spec.target_modules)
     assert spec.lora_alpha is not None  # TrainSpec sets it (2 × rank when left empty)
     torch.manual_seed(seed)
+    ranks = ranks or {}
+    # PEFT reads pattern keys as regular expressions matched at the end of a module's name
+    rank_pattern = {re.escape(name): r for name, r in ranks.items() if r > 0 and r != spec.lora_rank}
     config = LoraConfig(
         r=spec.lora_rank,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
         target_modules=spec.target_modules,
+        exclude_modules=sorted(name for name, r in ranks.items() if r == 0) or None,
+        rank_pattern=rank_pattern,
+        alpha_pattern={name: spec.lora_alpha * r / spec.lora_rank for name, r in rank_pattern.items()},
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
@@ -108,6 +117,18 @@ def linear_module_names(model) -> list[str]:
         if isinstance(module, torch.nn.Linear) and not name.endswith(SKIP_MODULES):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def target_layer_names(model, target_modules) -> list[str]:
+    """Full names of the layers `target_modules` selects, as PEFT matches them (all-linear: every
+    linear layer but the output head; a list: names equal to, or ending in '.' + , an entry)."""
+    from qdpo_core.quantize import SKIP_MODULES
+
+    # bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and not name.endswith(SKIP_MODULES)]
+    if target_modules == "all-linear":
+        return linear
+    return [name for name in linear if any(name == t or name.endswith("." + t) for t in target_modules)]
 
 
 def check_target_modules(model, target_modules) -> None:

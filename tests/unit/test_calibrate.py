@@ -125,8 +125,8 @@ def test_a_calibrated_init_that_loses_to_ptq_falls_back_to_identity(tiny_model_d
     # initialised model doubles the quantization error instead of removing it.
     from qdpo_core import calibrate
 
-    real = calibrate.low_rank_factors
-    monkeypatch.setattr(calibrate, "low_rank_factors", lambda *args, **kwargs: (lambda b, a: (-b, a))(*real(*args, **kwargs)))
+    real = calibrate.factor_ladder
+    monkeypatch.setattr(calibrate, "factor_ladder", lambda *args, **kwargs: (lambda b, a, energy: (-b, a, energy))(*real(*args, **kwargs)))
     events = []
     result = run_pipeline(_spec(tiny_model_dir), tmp_path, on_event=events.append)
     init = result.report["init"]
@@ -148,4 +148,136 @@ def test_a_calibrated_init_that_helps_is_step_zero_and_is_exported_with_its_reco
     assert report["aligned"]["kl"] < report["ptq"]["kl"]
     assert report["init"]["metrics"]["kl"] == pytest.approx(report["aligned"]["kl"], rel=1e-4)
     assert manifest["init"]["init"] == "calibrated" and manifest["init"]["calibration_sequences"] == 6 and manifest["init"]["calibration_tokens"] > 0
+    # the defaults: both sides weighted (6 sequences × 2 sampled answers), ranks spread by the calibrated error
+    assert manifest["init"]["output_weighting"] == "full" and manifest["init"]["gradient_draws"] == 12
+    assert manifest["init"]["rank_allocation"] == "calibrated" and sum(manifest["init"]["ranks"].values()) > 0
     assert "calibrated init" in (result.export_dir / "report.md").read_text()
+
+
+def test_allocate_ranks_spends_the_budget_on_the_largest_error_per_parameter():
+    from qdpo_core.calibrate import allocate_ranks
+
+    energies = {
+        "big": torch.tensor([8.0, 6.0, 4.0, 2.0, 1.0]),
+        "small": torch.tensor([0.5, 0.25, 0.1]),
+        "cheap": torch.tensor([3.0, 0.2]),  # per parameter its first rank beats big's third
+    }
+    costs = {"big": 10, "small": 10, "cheap": 2}
+    ranks = allocate_ranks(energies, costs, budget=34, max_rank=4)
+    assert ranks == {"big": 3, "small": 0, "cheap": 2}
+    assert sum(ranks[n] * costs[n] for n in ranks) <= 34
+    assert allocate_ranks(energies, costs, budget=1000, max_rank=4) == {"big": 4, "small": 3, "cheap": 2}  # capped by max_rank and by size
+
+
+def test_calibrated_rank_allocation_leaves_less_output_error_than_uniform_at_the_same_parameter_count(tiny_model_dir, tokenizer):
+    from qdpo_core.calibrate import collect_grams, lora_layers, plan_ranks
+    from qdpo_core.train import target_layer_names
+
+    teacher, batches = _calibration(tiny_model_dir, tokenizer)
+    student, _ = load_quantized(tiny_model_dir, QuantSpec(method="rtn", bits=2, group_size=32), "cpu")
+    names = target_layer_names(student, "all-linear")
+    assert len(names) == 14
+    collector = collect_grams(teacher, names, batches)
+    ranks, _ = plan_ranks(student, teacher, names, collector, rank=4)
+    modules = dict(student.named_modules())
+    costs = {n: modules[n].in_features + modules[n].out_features for n in names}
+    budget = 4 * sum(costs.values())
+    spent = sum(ranks[n] * costs[n] for n in names)
+    assert budget - max(costs.values()) < spent <= budget
+    assert len(set(ranks.values())) > 1 and max(ranks.values()) <= 16
+
+    def total_error(layer_ranks: dict[str, int]) -> float:
+        """Σ over layers of ‖X(R − BA)ᵀ‖² / ‖XWᵀ‖²: each layer's output error relative to its output."""
+        policy = make_policy(
+            load_quantized(tiny_model_dir, QuantSpec(method="rtn", bits=2, group_size=32), "cpu")[0], TrainSpec(lora_rank=4), 0, ranks=layer_ranks
+        )
+        initialise_adapter(policy, teacher, "calibrated", collector=collector, batches=batches)
+        total = 0.0
+        for name, layer in lora_layers(policy).items():
+            w = dict(teacher.named_modules())[name].weight.detach().double()
+            gram, _ = collector.gram(name)
+            correction = (layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double()
+            error = w - dequantized_weight(layer).double() - correction
+            error = error.detach()
+            total += float(torch.einsum("oi,ij,oj->", error, gram.double(), error) / torch.einsum("oi,ij,oj->", w, gram.double(), w))
+        return total
+
+    assert total_error(ranks) < 0.95 * total_error(dict.fromkeys(names, 4))
+
+
+def test_a_calibrated_rank_allocation_job_exports_an_adapter_peft_loads_with_its_ranks(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    result = run_pipeline(_spec(tiny_model_dir, rank_allocation="calibrated", lora_rank=4), tmp_path)
+    ranks = result.report["init"]["ranks"]
+    assert result.report["init"]["rank_allocation"] == "calibrated" and len(set(ranks.values())) > 1
+    assert result.report["aligned"]["kl"] < result.report["ptq"]["kl"]
+    config = json.loads((result.export_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"]
+    weights = load_file(result.export_dir / "adapter" / "adapter_model.safetensors")
+    for name, rank in ranks.items():
+        key = f"base_model.model.{name}.lora_A.weight"
+        if rank:
+            assert weights[key].shape[0] == rank
+        else:  # a layer left with rank 0 has no adapter
+            assert key not in weights
+    fresh, _ = load_quantized(tiny_model_dir, QuantSpec(method="rtn", bits=2, group_size=32), "cpu")
+    loaded = PeftModel.from_pretrained(fresh, result.export_dir / "adapter")
+    layers = {n: m for n, m in loaded.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert {n.removeprefix("base_model.model."): m.r["default"] for n, m in layers.items()} == {n: r for n, r in ranks.items() if r}
+    assert all(m.scaling["default"] == pytest.approx(2.0) for m in layers.values())  # alpha follows the rank: alpha / r stays 2
+
+
+def test_rank_allocation_needs_the_calibrated_init(tiny_model_dir):
+    from qdpo_core.errors import SpecError
+
+    with pytest.raises(SpecError, match="train.rank_allocation") as caught:
+        _spec(tiny_model_dir, rank_allocation="calibrated", init="svd")
+    assert "init" in str(caught.value) and "calibrated" in str(caught.value)
+
+
+def test_output_weighting_minimises_the_weighted_error_and_is_exact_at_full_rank():
+    x = _correlated_inputs(400, 32)
+    residual = torch.randn(24, 32, generator=torch.Generator().manual_seed(2))
+    grads = _correlated_inputs(300, 24, seed=3)  # loss gradients at the outputs: a few directions matter
+    right = whitening(x.T @ x, len(x), damping=1e-6)
+    left = whitening(grads.T @ grads, len(grads), damping=1e-6)
+
+    def weighted_error(b, a):  # ‖T (R − BA) S‖ / ‖T R S‖
+        return float((left[0] @ (residual - b @ a).double() @ right[0]).norm() / (left[0] @ residual.double() @ right[0]).norm())
+
+    for rank in (2, 6):
+        with_output = weighted_error(*low_rank_factors(residual, rank, whiten=right, output=left))
+        inputs_only = weighted_error(*low_rank_factors(residual, rank, whiten=right))
+        diagonal = weighted_error(*low_rank_factors(residual, rank, whiten=right, output=torch.diagonal(left[0] @ left[0]).sqrt()))
+        assert with_output < 0.9 * inputs_only, (rank, with_output, inputs_only)
+        assert with_output <= diagonal + 1e-9
+    assert weighted_error(*low_rank_factors(residual, 24, whiten=right, output=left)) < 1e-6
+
+
+def test_gradient_grams_are_the_fisher_of_sampled_answers_at_each_layer_output(tiny_model_dir, tokenizer):
+    from qdpo_core.calibrate import GradientGramCollector
+
+    teacher, batches = _calibration(tiny_model_dir, tokenizer)
+    name = "model.layers.1.mlp.down_proj"
+    collector = GradientGramCollector(teacher, [name, "model.layers.0.self_attn.q_proj"], samples=1, seed=5)
+    collector.run(batches[:1])
+    assert collector.full and collector.draws == 3
+    # the same computation by hand: the loss of tokens drawn with the same generator, autograd at the layer output
+    batch = batches[0]
+    captured = {}
+    layer = dict(teacher.named_modules())[name]
+    hook = layer.register_forward_hook(lambda _m, _a, output: captured.setdefault("y", output))
+    embed_hook = teacher.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_())
+    with torch.enable_grad():
+        logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        predicted = logits[:, :-1][batch.response_mask[:, 1:].bool()].float()
+        tokens = torch.multinomial(torch.softmax(predicted.detach(), -1), 1, generator=torch.Generator().manual_seed(5))
+        (grad,) = torch.autograd.grad(-torch.log_softmax(predicted, -1).gather(-1, tokens).sum(), captured["y"])
+    hook.remove()
+    embed_hook.remove()
+    flat = grad.reshape(-1, grad.shape[-1])[batch.attention_mask.reshape(-1).bool()]
+    assert torch.allclose(collector.grams[name], flat.T @ flat, rtol=1e-4, atol=1e-7)
+    assert float(torch.diagonal(collector.grams[name]).min()) >= 0 and float(collector.grams[name].abs().max()) > 0
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())  # no weight got a gradient
