@@ -82,8 +82,9 @@ class JobQueue:
         self.queue_name = settings.queue_name
         self.folder = settings.broker_folder / "queue" if settings.is_embedded_broker else None
 
-    def enqueue(self, job_id: str) -> str:
-        return self.app.send_task(TASK_NAME, args=[job_id], queue=self.queue_name).id
+    def enqueue(self, job_id: str, task_id: str | None = None) -> str:
+        """Send the job's id; `task_id` is the message's id when the caller chose it (recorded beforehand)."""
+        return self.app.send_task(TASK_NAME, args=[job_id], queue=self.queue_name, task_id=task_id).id
 
     def discard(self, job_id: str, task_id: str | None = None) -> int:
         """Remove the waiting messages of a job that will never run (cancelled or deleted while queued).

@@ -16,7 +16,7 @@ from api.jobspec import build_spec, job_public
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
 from service.crud import jobs as jobs_crud
-from service.dispatch import validate_and_queue, withdraw
+from service.dispatch import create_and_queue, validate_and_queue, withdraw
 from service.errors import not_found
 from service.inputs import resolve_inputs
 from service.security import new_id
@@ -78,9 +78,10 @@ def create_job(
         idempotency_key=idempotency_key,
     )
     try:
-        # A job with input files is committed before they are hashed once more, which can take a while;
-        # one without is queued in the transaction that creates it (one commit fewer).
-        jobs_crud.create_job(session, job=job, commit=bool(inputs))
+        if inputs:  # committed as validating before its files are hashed once more, which can take a while
+            jobs_crud.create_job(session, job=job)
+        else:  # nothing to check: stored as queued and sent
+            create_and_queue(session, queue=queue, job=job)
     except IntegrityError:  # the same idempotency key raced in from a parallel retry
         session.rollback()
         earlier = jobs_crud.find_by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key or "")
@@ -88,7 +89,8 @@ def create_job(
             raise
         jobs_crud.check_idempotent_reuse(earlier, key=idempotency_key or "", request=request)
         return _answer(session, job_public(earlier), 200)
-    validate_and_queue(session, store=store, queue=queue, job=job)
+    if inputs:
+        validate_and_queue(session, store=store, queue=queue, job=job)
     metrics.JOBS_CREATED.labels(method=job.method).inc()
     return _answer(session, job_public(job), 201)
 

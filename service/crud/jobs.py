@@ -4,6 +4,8 @@
         │            │         │  └──► cancelling ─► cancelled
         └────────────┴─────────┴─────────────────────► cancelled / failed
 
+(a job without input files is created `queued`: create_queued_job)
+
 A transition names the states it accepts (and, for a worker, the lease it holds), so two actors
 racing on one job — a worker and a cancel request, two workers after a redelivery, a worker and
 the reconciler — can never both win: the loser's UPDATE matches no row. A transition that wins
@@ -27,7 +29,7 @@ from service.crud import webhooks as webhooks_crud
 from service.crud.pagination import cursor_pk, split_page
 from service.errors import InvalidInput
 from service.security import looks_like_id
-from service.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, utcnow
+from service.tables import CANCELLED, CANCELLING, QUEUED, RUNNING, TERMINAL_STATUSES, VALIDATING, Job, JobEvent, utcnow
 
 LIVE_STATUSES = (RUNNING, CANCELLING)
 
@@ -44,6 +46,25 @@ def create_job(session: Session, *, job: Job, commit: bool = True) -> Job:
     add_status_event(session, job_pk=job.pk, message="job created; checking its input files")
     if commit:
         session.commit()
+    return job
+
+
+def create_queued_job(session: Session, *, job: Job, task_id: str, messages: tuple[str, ...]) -> Job:
+    """Insert a job that has nothing to validate (no input files) straight as `queued`, recorded as sent
+    with `task_id`, and its first events; committed, so the caller sends the message next.
+
+    The job is new, so nobody else can write its events yet: they are numbered here (no counter
+    UPDATE per event) and inserted in one statement. Sending comes after the commit, as for every job;
+    if it fails, `unsent` takes the record back (service.dispatch).
+    """
+    job.status, job.task_id, job.enqueued_at, job.event_seq = QUEUED, task_id, utcnow(), len(messages)
+    session.add(job)
+    session.flush()
+    session.add_all(
+        JobEvent(job_pk=job.pk, seq=seq, type="status", stage=None, level="info", message=message, data={}) for seq, message in enumerate(messages, 1)
+    )
+    webhooks_crud.job_status_changed(session, job_pk=job.pk, status=QUEUED)
+    session.commit()
     return job
 
 
@@ -206,6 +227,11 @@ def mark_enqueued(session: Session, *, job_pk: int, task_id: str, refresh: Job |
     elif refresh is None:
         session.execute(_MARK_ENQUEUED, params)
     session.commit()
+
+
+def mark_unsent(session: Session, *, job_pk: int) -> None:
+    """The message recorded as sent was not: the job waits as never sent, and the reconciler sends it."""
+    session.execute(_MARK_ENQUEUED, {"pk_": job_pk, "task_id_": None, "at_": None})
 
 
 def request_cancel(session: Session, *, job: Job) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from service.tables import Job, utcnow
 
@@ -119,3 +120,51 @@ def test_the_reconcile_command_runs_one_pass(api_deployment):
     result = subprocess.run([sys.executable, "-m", "qdpo_cli.main", "reconcile"], env=api_deployment.env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ReconcileReport(")
+
+
+def test_a_job_created_while_the_broker_is_down_is_queued_and_sent_later(api_deployment, tenant_key, queue):
+    """The API answers 201 (the job is stored), records the job as never sent, and the reconciler sends it."""
+    from api.main import create_app
+
+    from .infra import LiveServer
+
+    dead = api_deployment.settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})  # port 9: nothing listens
+    server = LiveServer(create_app(dead)).start()
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {tenant_key}"}, timeout=60) as client:
+            response = client.post("/v1/jobs", json={})
+            assert response.status_code == 201, response.text
+            job_id = response.json()["id"]
+            assert response.json()["status"] == "queued"
+    finally:
+        server.stop()
+    with api_deployment.sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        assert job is not None and (job.task_id, job.enqueued_at) == (None, None)  # never sent: the reconciler's to send
+    with raw(api_deployment, tenant_key) as http:
+        said = messages(http, job_id)
+        assert said[:2] == ["job created", "queued"] and said[2].startswith("the broker is unreachable")
+        queue.purge()  # the reconciler sends when the broker holds fewer messages than jobs wait
+        report = reconcile(api_deployment, queue, requeue_after_seconds=0)
+        assert job_id in report.reenqueued_lost
+        assert messages(http, job_id)[-1] == "sent to the broker again: its message was lost"
+
+
+def test_a_new_jobs_message_carries_the_task_id_recorded_with_it(api_deployment, tenant_key):
+    """A job without input files is stored as queued with its message's id before the message is sent."""
+    import json
+
+    import redis
+
+    with raw(api_deployment, tenant_key) as http:
+        job_id = http.post("/v1/jobs", json={}).json()["id"]
+    with api_deployment.sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        assert job is not None and job.status == "queued" and job.task_id and job.enqueued_at is not None
+        task_id = job.task_id
+    client = redis.Redis.from_url(api_deployment.settings.resolved_broker_url)
+    try:
+        bodies = [json.loads(m) for m in client.lrange(api_deployment.settings.queue_name, 0, -1)]
+    finally:
+        client.close()
+    assert task_id in [b["headers"]["id"] for b in bodies if b["headers"].get("argsrepr") == repr([job_id])]
