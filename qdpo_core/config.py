@@ -560,6 +560,11 @@ class TrainSpec(_Spec):
         "Distillation: share of each epoch's sequences that are the model's own greedy answers, scored by the FP model (GKD-style on-policy); 0 = only FP answers.",
         default=0.0,
     )
+    kd_sampled_answers: int = _help(
+        "Distillation: besides the FP model's greedy answer, this many answers per prompt sampled from the FP model "
+        "(generation.temperature and top_p) to distil on: more sequences from the same prompts; 0 = the greedy answer only.",
+        default=0,
+    )
     kd_positions: str = _help(
         "Distillation: which positions are matched to the FP model: 'answer' (the answer tokens) or 'all' (the prompt's tokens too: more signal from the same forward pass).",
         choices=KD_POSITIONS,
@@ -632,6 +637,7 @@ class TrainSpec(_Spec):
             f"{p}.kd_on_policy_fraction",
             f"got {_shown(self.kd_on_policy_fraction)}; use a number in [0, 1]",
         )
+        _check_int(self.kd_sampled_answers, f"{p}.kd_sampled_answers", 0, 16)
         _check(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", f"got {_shown(self.warmup_ratio)}; use a number in [0, 1)")
         _check(_is_number(self.weight_decay) and 0 <= self.weight_decay <= 10, f"{p}.weight_decay", f"got {_shown(self.weight_decay)}; use a number 0..10")
         _check(
@@ -712,5 +718,10 @@ class PipelineSpec(_Spec):
             self.method == "dpo" or not self.dataset.pairs,
             "dataset.pairs",
             f"method {self.method!r} builds its own pairs from prompts; use method 'dpo' for uploaded pairs",
+        )
+        _check(
+            self.method == "kd" or not self.train.kd_sampled_answers,
+            "train.kd_sampled_answers",
+            f"sampled distillation answers are built by method 'kd' only; set it to 0 for method {self.method!r}",
         )
         _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"got {_shown(self.seed)}; use a non-negative integer up to {MAX_SEED:,} (2^32 - 1)")

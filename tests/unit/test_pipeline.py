@@ -194,3 +194,24 @@ def test_method_auto_tries_every_candidate_from_the_init_and_exports_the_best(ti
     markdown = (result.export_dir / "report.md").read_text()
     assert f"Method auto: {auto['winner']} won" in markdown and "qdpo+nll" in markdown
     assert any("wins on held-out kl" in e.message for e in events)
+
+
+def test_kd_with_sampled_answers_distils_on_the_greedy_answer_and_fp_samples(tiny_model_dir, tmp_path):
+    spec = _spec(tiny_model_dir, method="kd", quantization={"method": "rtn", "bits": 2, "group_size": 32}, train={"epochs": 1, "kd_sampled_answers": 2})
+    events = []
+    run_pipeline(spec, tmp_path, on_event=events.append)
+    examples = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    greedy = {tuple(r["prompt_ids"]): r["ids"] for r in map(json.loads, (tmp_path / "init" / "fp_answers.jsonl").read_text().splitlines())}
+    first = [e for e in examples if e["sample"] == 0]
+    sampled = [e for e in examples if e["sample"] > 0]
+    assert len(first) == 6 and all(e["chosen_ids"] == greedy[tuple(e["prompt_ids"])] for e in first)
+    assert {e["sample"] for e in sampled} == {1, 2} and len(sampled) >= 10  # empty sampled answers are left out
+    assert any(e["chosen_ids"] != greedy[tuple(e["prompt_ids"])] for e in sampled)  # sampled, not greedy again
+    steps = [e.total for e in events if e.type == "metrics"]
+    assert steps and steps[0] == -(-len(examples) // 3)  # every sequence is trained on (batch 3, one epoch)
+
+
+def test_sampled_distillation_answers_are_refused_for_other_methods(tiny_model_dir):
+    with pytest.raises(SpecError) as raised:
+        _spec(tiny_model_dir, method="qdpo", train={"kd_sampled_answers": 2})
+    assert raised.value.param == "train.kd_sampled_answers"
