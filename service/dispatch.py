@@ -53,15 +53,8 @@ def create_and_queue(session: Session, *, queue: JobQueue, job: Job) -> None:
     try:
         queue.enqueue(job.id, task_id=task_id)
     except Exception as exc:
-        log.warning("could not enqueue %s: %s", job.id, exc)
         jobs_crud.mark_unsent(session, job_pk=job.pk)
-        jobs_crud.add_status_event(
-            session,
-            job_pk=job.pk,
-            level="warning",
-            message=f"the broker is unreachable ({type(exc).__name__}); the job stays queued and is sent again when it is back",
-        )
-        session.commit()
+        _broker_failed(session, job, exc)
         session.refresh(job)
 
 
@@ -73,14 +66,7 @@ def enqueue(session: Session, *, queue: JobQueue, job: Job, reason: str | None =
     try:
         task_id = queue.enqueue(job.id)
     except Exception as exc:
-        log.warning("could not enqueue %s: %s", job.id, exc)
-        jobs_crud.add_status_event(
-            session,
-            job_pk=job.pk,
-            level="warning",
-            message=f"the broker is unreachable ({type(exc).__name__}); the job stays queued and is sent again when it is back",
-        )
-        session.commit()
+        _broker_failed(session, job, exc)
         return False
     jobs_crud.mark_enqueued(session, job_pk=job.pk, task_id=task_id, refresh=job if refresh and not reason else None)
     if reason:
@@ -89,6 +75,18 @@ def enqueue(session: Session, *, queue: JobQueue, job: Job, reason: str | None =
             session.refresh(job)
         session.commit()
     return True
+
+
+def _broker_failed(session: Session, job: Job, exc: Exception) -> None:
+    """Record (and commit) that the job's message could not be sent: it stays queued for the reconciler."""
+    log.warning("could not enqueue %s: %s", job.id, exc)
+    jobs_crud.add_status_event(
+        session,
+        job_pk=job.pk,
+        level="warning",
+        message=f"the broker is unreachable ({type(exc).__name__}); the job stays queued and is sent again when it is back",
+    )
+    session.commit()
 
 
 def withdraw(queue: JobQueue, job: Job) -> None:
