@@ -64,7 +64,7 @@ def test_a_job_runs_end_to_end(worker_deployment, tmp_path):
     stages = [(e.stage, e.message) for e in streamed if e.type == "stage"]
     assert stages == [(stage, edge) for stage in STAGES for edge in ("started", "finished")]
     status = [e.message for e in streamed if e.type == "status"]
-    assert status[:3] == ["job created", "queued", "running (attempt 1)"] and status[-1].startswith("succeeded")
+    assert status[:3] == ["job created; checking its input files", "queued", "running (attempt 1)"] and status[-1].startswith("succeeded")
     assert not any(str(worker_deployment.settings.resolved_artifact_dir) in e.message for e in streamed)  # no server paths leak
 
     metrics = client.jobs.metrics(job.id)
