@@ -63,7 +63,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test: install lint services
-	$(PY) -m pytest -q --timeout 900
+	$(PY) -m pytest -q --timeout 900 --durations 15
 
 test-unit: install
 	$(PY) -m pytest -q -m "not service and not e2e"
