@@ -565,6 +565,12 @@ class TrainSpec(_Spec):
         "(generation.temperature and top_p) to distil on: more sequences from the same prompts; 0 = the greedy answer only.",
         default=0,
     )
+    kd_top1_weight: float = _help(
+        "Distillation: weight of a top-1 agreement term added to the divergence: a hinge that asks the model to rank the FP "
+        "model's top token first by at least the FP model's own margin (capped at 1 logit); it targets greedy flips at "
+        "near-ties, which KL barely weighs. 0 = off.",
+        default=0.0,
+    )
     kd_positions: str = _help(
         "Distillation: which positions are matched to the FP model: 'answer' (the answer tokens) or 'all' (the prompt's tokens too: more signal from the same forward pass).",
         choices=KD_POSITIONS,
@@ -638,6 +644,11 @@ class TrainSpec(_Spec):
             f"got {_shown(self.kd_on_policy_fraction)}; use a number in [0, 1]",
         )
         _check_int(self.kd_sampled_answers, f"{p}.kd_sampled_answers", 0, 16)
+        _check(
+            _is_number(self.kd_top1_weight) and 0 <= self.kd_top1_weight <= 100,
+            f"{p}.kd_top1_weight",
+            f"got {_shown(self.kd_top1_weight)}; use a number in [0, 100] (0 = off; 1 weighs the hinge like the KL)",
+        )
         _check(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, f"{p}.warmup_ratio", f"got {_shown(self.warmup_ratio)}; use a number in [0, 1)")
         _check(_is_number(self.weight_decay) and 0 <= self.weight_decay <= 10, f"{p}.weight_decay", f"got {_shown(self.weight_decay)}; use a number 0..10")
         _check(

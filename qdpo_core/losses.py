@@ -64,6 +64,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     return (divergence * mask).sum() / mask.sum().clamp(min=1)
 
 
+def top1_hinge(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cap: float = 1.0) -> torch.Tensor:
+    """Mean over positions of max(0, m − (s[t] − max_{j≠t} s[j])): t the teacher's top-1 token, m the
+    teacher's own margin over its second token (capped at `cap`), s the student's logits.
+
+    The greedy flip rate counts positions where the student's top-1 differs from the teacher's; forward
+    KL barely weighs a near-tie of the teacher (both tokens already get almost the same probability
+    mass), so a student can be close in KL and still pick the other token. This term is zero where the
+    student ranks the teacher's token first by at least the teacher's margin and pushes only where it
+    does not. student_logits, teacher_logits: (N, V).
+    """
+    teacher = teacher_logits.float()
+    top2 = teacher.topk(2, dim=-1)
+    target = top2.indices[:, 0]
+    margin = (top2.values[:, 0] - top2.values[:, 1]).clamp(max=cap)
+    student = student_logits.float()
+    own = student.gather(-1, target[:, None]).squeeze(-1)
+    others = student.scatter(-1, target[:, None], float("-inf")).max(-1).values
+    return torch.relu(margin - (own - others)).mean()
+
+
 def nll_loss(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean per-token negative log-likelihood of whole sequences. logps: summed (B,), lengths (B,)."""
     return -(logps.sum() / lengths.sum().clamp(min=1))

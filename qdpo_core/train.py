@@ -24,7 +24,7 @@ from qdpo_core import checkpoint as ckpt
 from qdpo_core.config import TrainSpec
 from qdpo_core.errors import Cancelled, SpecError
 from qdpo_core.events import Emitter
-from qdpo_core.losses import dpo_loss, kd_loss, nll_loss
+from qdpo_core.losses import dpo_loss, kd_loss, nll_loss, top1_hinge
 from qdpo_core.tokens import SequenceBatch, collate, response_logits, scored_width, target_logps
 
 BUCKET_BATCHES = 8  # optimizer steps whose examples are sorted by length together (see Trainer.epoch_order)
@@ -341,7 +341,11 @@ class Trainer:
                         self.teacher_cache[i] = part.clone()
                         self.teacher_cache_used += part.numel() * part.element_size()
         ones = torch.ones(teacher.shape[0], device=teacher.device)
-        return kd_loss(student_logits[selected], teacher, ones, self.spec.kd_objective)
+        student = student_logits[selected]
+        loss = kd_loss(student, teacher, ones, self.spec.kd_objective)
+        if self.spec.kd_top1_weight > 0:
+            loss = loss + self.spec.kd_top1_weight * top1_hinge(student, teacher)
+        return loss
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> TrainResult:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qdpo_core.losses import dpo_loss, kd_loss, nll_loss
+from qdpo_core.losses import dpo_loss, kd_loss, nll_loss, top1_hinge
 
 
 def _pair():
@@ -72,3 +72,17 @@ def test_reverse_and_confidence_aware_kd_match_hand_values():
     assert kd_loss(student, teacher, mask, "cakld").item() == pytest.approx(0.9 * reverse + 0.1 * forward, rel=1e-5)
     with pytest.raises(ValueError, match="forward, reverse or cakld"):
         kd_loss(student, teacher, mask, "jsd")
+
+
+def test_top1_hinge_pushes_only_where_the_student_ranks_the_teachers_token_too_low():
+    # teacher: token 0 leads token 1 by 0.05 (a near-tie), token 2 far behind; and a confident row (margin 5, capped at 1)
+    teacher = torch.tensor([[2.05, 2.0, -3.0], [6.0, 1.0, 0.0]])
+    agrees = torch.tensor([[1.2, 1.0, 0.0], [3.0, 1.5, 0.0]])  # top-1 right by 0.2 and 1.5: nothing to push
+    assert top1_hinge(agrees, teacher).item() == 0.0
+    flipped = torch.tensor([[1.0, 1.1, 0.0], [3.0, 2.5, 0.0]], requires_grad=True)  # row 0 flipped by 0.1; row 1 right by 0.5 < 1
+    loss = top1_hinge(flipped, teacher)
+    assert loss.item() == pytest.approx(((0.05 + 0.1) + (1.0 - 0.5)) / 2, rel=1e-5)
+    loss.backward()
+    grad = flipped.grad
+    assert grad[0, 0] < 0 and grad[0, 1] > 0 and grad[0, 2] == 0  # a descent step raises the teacher's token, lowers its rival
+    assert grad[1, 0] < 0 and grad[1, 1] > 0 and grad[1, 2] == 0

@@ -189,6 +189,19 @@ def test_kd_on_all_positions_matches_the_prompt_too(tiny_model_dir, tokenizer, e
         assert matched[i] == len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"]) - 1  # every token but the first
 
 
+def test_top1_hinge_is_added_to_the_distillation_loss_with_its_weight(tiny_model_dir, tokenizer, examples, tmp_path):
+    losses = {}
+    for weight in (0.0, 1.0, 3.0):
+        trainer = _trainer(
+            tiny_model_dir, tokenizer, examples, tmp_path / str(weight), TrainSpec(epochs=1, select_best=False, kd_top1_weight=weight), objective="kd"
+        )
+        with torch.no_grad():
+            losses[weight], _ = trainer.batch_loss([0, 1, 2, 3], None)
+    hinge = losses[1.0] - losses[0.0]
+    assert hinge > 0  # the nf4 tiny model does not rank every FP top-1 token first by the FP margin
+    assert torch.isclose(losses[3.0] - losses[0.0], 3 * hinge, rtol=1e-4)
+
+
 def test_epoch_order_covers_every_example_once_with_little_padding(tiny_model_dir, tokenizer, tmp_path):
     generator = torch.Generator().manual_seed(1)
     many = []
