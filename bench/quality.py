@@ -56,6 +56,8 @@ METHODS = {
     "kd-lr1e-4": {"method": "kd", "train": {"learning_rate": 1e-4}},
     "kd-lr5e-5": {"method": "kd", "train": {"learning_rate": 5e-5}},
     "kd-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3}},
+    # kd-sampled3 from the init calibrated on 256 prompts (the best rtn3 init); run with --epochs 4 for 256 steps
+    "kd-cal256-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "init_calibration_prompts": 256}},
     # the same plus the top-1 agreement hinge (train.kd_top1_weight): aimed at the greedy flips KL barely weighs
     "kd-sampled3-top1": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "kd_top1_weight": 1.0}},
     "kd-all": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_positions": "all"}},
