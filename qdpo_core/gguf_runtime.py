@@ -15,6 +15,7 @@ that the comparison measures the weights and the adapter, not the cache's roundi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +31,62 @@ def require_llama_cpp():
     return llama_cpp
 
 
+@contextmanager
+def _without_weight_repacking(llama_cpp):
+    """Models loaded inside keep their weights in llama.cpp's plain CPU buffers (`use_extra_bufts` off,
+    what `llama-cli --no-repack` does).
+
+    The extra buffer types repack weights for the CPU's fastest kernels — AMX tiles on CPUs that have
+    them, interleaved Q4_0 blocks on AVX2/AVX-512. With a LoRA adapter loaded, the AMX path crashed
+    inside llama_decode on an AMX CPU (a segmentation fault in each of three runs, in the suite and
+    outside it); without repacking the same model, adapter and tokens run, with llama.cpp's plain
+    kernels, somewhat slower. `Llama` takes no option for it, so its default parameters are wrapped
+    for the duration of the load.
+    """
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 class LlamaCpp:
-    def __init__(self, model: str | Path, adapter: str | Path | None = None, n_ctx: int = 1024, threads: int | None = None, f32_cache: bool = True):
+    def __init__(
+        self,
+        model: str | Path,
+        adapter: str | Path | None = None,
+        n_ctx: int = 1024,
+        threads: int | None = None,
+        f32_cache: bool = True,
+    ):
         import os
 
         llama_cpp = require_llama_cpp()
         options: dict[str, Any] = {}
         if f32_cache:
             options.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-        self.llm = llama_cpp.Llama(
-            model_path=str(model),
-            lora_path=str(adapter) if adapter else None,
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=n_ctx,
-            logits_all=True,
-            n_threads=threads or max(1, min(4, os.cpu_count() or 1)),
-            n_gpu_layers=0,
-            seed=0,
-            verbose=False,
-            **options,
-        )
+        with _without_weight_repacking(llama_cpp):
+            self.llm = llama_cpp.Llama(
+                model_path=str(model),
+                lora_path=str(adapter) if adapter else None,
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                logits_all=True,
+                n_threads=threads or max(1, min(4, os.cpu_count() or 1)),
+                n_gpu_layers=0,
+                seed=0,
+                verbose=False,
+                **options,
+            )
 
     def __enter__(self) -> LlamaCpp:
         return self

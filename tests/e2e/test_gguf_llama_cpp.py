@@ -126,6 +126,8 @@ def test_the_exported_pair_runs_in_llama_cpp_and_computes_what_torch_computed(q4
     aligned, tokenizer = load_aligned(result.export_dir, device="cpu")
     rows = [json.loads(line) for line in (workdir / "baseline" / "fp_responses.jsonl").read_text().splitlines()]
     with LlamaCpp(base_file) as base_llm, LlamaCpp(base_file, result.export_dir / "adapter.gguf") as aligned_llm:
+        # weights stay in plain CPU buffers: with the adapter, llama.cpp's AMX repacking crashes in llama_decode
+        assert not aligned_llm.llm.model_params.use_extra_bufts and not base_llm.llm.model_params.use_extra_bufts
         floors, mismatches, effects, cosines = [], [], [], []
         for row in rows:
             ids = row["prompt_ids"] + row["ids"]
