@@ -71,6 +71,16 @@ def browser(request):
         launched.close()
 
 
+def wait_for_job_view(page, job_id: str) -> None:
+    """Until the job's own view has loaded. The link and goto change only the hash: until the page's
+    hashchange handler runs, `ready` still says the previous view (the jobs list) loaded."""
+    page.wait_for_function(
+        "(id) => window.qdpoDashboard && window.qdpoDashboard.ready && document.querySelector('#job-id') !== null"
+        " && document.querySelector('#job-id').textContent === id",
+        arg=job_id,
+    )
+
+
 class Session:
     """One browser context (its own sessionStorage) on the dashboard, recording every request it makes."""
 
@@ -93,7 +103,7 @@ class Session:
 
     def open_job(self, job_id: str) -> None:
         self.page.goto(f"{self.base_url}/dashboard/#/jobs/{job_id}")
-        self.page.wait_for_function("() => window.qdpoDashboard && window.qdpoDashboard.ready")
+        wait_for_job_view(self.page, job_id)
 
     def chart(self, name: str) -> list[list]:
         return self.page.evaluate(f"window.qdpoDashboard.charts[{name!r}].data.map((d) => Array.from(d))")
@@ -156,7 +166,8 @@ def test_the_job_page_draws_the_run_and_shows_the_report(worker_deployment, fini
     closed = report["gap_closed"]
     assert cells[7] == f"{_python_format(closed['token_flip_rate'], '{:.0%}')} / {_python_format(closed['kl'], '{:.0%}')}"
     page.click(f"a[href='#/jobs/{job.id}']")
-    page.wait_for_function("() => window.qdpoDashboard.ready && document.querySelector('#report-table')")
+    wait_for_job_view(page, job.id)
+    page.wait_for_selector("#report-table")
 
     # training curves: one point per optimizer step, the API's values
     steps = [m.step for m in metrics]
@@ -318,7 +329,7 @@ def test_the_cancel_button_cancels_and_the_jobs_page_follows(api_deployment, ses
         row = page.wait_for_selector(f"#jobs-table tr[data-job='{job_id}']", timeout=10_000)  # the page updates itself
         assert "queued" in row.inner_text()
         page.click(f"a[href='#/jobs/{job_id}']")
-        page.wait_for_function("() => window.qdpoDashboard.ready")
+        wait_for_job_view(page, job_id)
         assert page.inner_text("#job-status") == "queued"
         dialogs = []
         page.once("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
