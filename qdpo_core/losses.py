@@ -80,7 +80,8 @@ def top1_hinge(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cap: 
     margin = (top2.values[:, 0] - top2.values[:, 1]).clamp(max=cap)
     student = student_logits.float()
     own = student.gather(-1, target[:, None]).squeeze(-1)
-    others = student.scatter(-1, target[:, None], float("-inf")).max(-1).values
+    best = student.topk(2, dim=-1)  # the best token other than t: the student's first, or its second where the first is t
+    others = torch.where(best.indices[:, 0] == target, best.values[:, 1], best.values[:, 0])
     return torch.relu(margin - (own - others)).mean()
 
 

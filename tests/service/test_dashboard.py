@@ -75,8 +75,7 @@ def wait_for_job_view(page, job_id: str) -> None:
     """Until the job's own view has loaded. The link and goto change only the hash: until the page's
     hashchange handler runs, `ready` still says the previous view (the jobs list) loaded."""
     page.wait_for_function(
-        "(id) => window.qdpoDashboard && window.qdpoDashboard.ready && document.querySelector('#job-id') !== null"
-        " && document.querySelector('#job-id').textContent === id",
+        "(id) => window.qdpoDashboard && window.qdpoDashboard.ready && document.querySelector('#job-id')?.textContent === id",
         arg=job_id,
     )
 
