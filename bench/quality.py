@@ -40,6 +40,8 @@ METHODS = {
     "init-svd": {"method": "kd", "train": {"epochs": 0, "init": "svd"}},
     "init-r64": {"method": "kd", "train": {"epochs": 0, "lora_rank": 64}},
     "init-cal256": {"method": "kd", "train": {"epochs": 0, "init_calibration_prompts": 256}},
+    # the calibrated rank allocation with a higher cap per layer (train.max_layer_rank; the default is 4 × rank = 64)
+    "init-max128": {"method": "kd", "train": {"epochs": 0, "max_layer_rank": 128}},
     # the parts of the default init one at a time: uniform ranks; no output (gradient) weighting; neither (the init before both)
     "init-uniform": {"method": "kd", "train": {"epochs": 0, "rank_allocation": "uniform"}},
     "init-input-alloc": {"method": "kd", "train": {"epochs": 0, "init_output_weighting": "none"}},
@@ -57,6 +59,7 @@ METHODS = {
     "kd-lr5e-5": {"method": "kd", "train": {"learning_rate": 5e-5}},
     "kd-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3}},
     # kd-sampled3 from the init calibrated on 256 prompts (the best rtn3 init); run with --epochs 4 for 256 steps
+    "kd-sampled3-max128": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "max_layer_rank": 128}},
     "kd-cal256-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "init_calibration_prompts": 256}},
     # the same plus the top-1 agreement hinge (train.kd_top1_weight): aimed at the greedy flips KL barely weighs
     "kd-sampled3-top1": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "kd_top1_weight": 1.0}},
@@ -128,6 +131,7 @@ SHARED_STAGES = {
             "init_damping",
             "init_max_full_gram_dim",
             "rank_allocation",
+            "max_layer_rank",
             "init_output_weighting",
             "init_gradient_samples",
             "lora_rank",

@@ -550,6 +550,9 @@ class TrainSpec(_Spec):
         choices=RANK_ALLOCATIONS,
         default=None,
     )
+    max_layer_rank: int | None = _help(
+        "calibrated rank allocation: the largest rank one layer may get; empty = 4 × lora_rank.", default=None
+    )
     kd_objective: str = _help(
         "Distillation divergence per answer token: forward KL(FP‖model), reverse KL(model‖FP), or cakld "
         "(BitDistiller's confidence-aware mix: reverse weighted by the FP model's confidence in the token, forward by the rest).",
@@ -636,6 +639,12 @@ class TrainSpec(_Spec):
             f"{p}.rank_allocation",
             f"'{self.rank_allocation}' spreads the ranks by the calibrated error; set {p}.init to 'calibrated' or use rank_allocation 'uniform'",
         )
+        if self.max_layer_rank is not None:
+            _check(
+                _is_int(self.max_layer_rank) and self.lora_rank <= self.max_layer_rank <= 512,
+                f"{p}.max_layer_rank",
+                f"got {_shown(self.max_layer_rank)}; use an integer from lora_rank ({self.lora_rank}) to 512, or leave it empty for 4 × lora_rank",
+            )
         _check_choice(self.kd_objective, f"{p}.kd_objective", KD_OBJECTIVES)
         _check_choice(self.kd_positions, f"{p}.kd_positions", KD_POSITIONS)
         _check(

@@ -161,6 +161,7 @@ class Run:
                 spec.lora_rank,
                 spec.init_damping,
                 spec.init_max_full_gram_dim,
+                max_rank=spec.max_layer_rank,
                 gradients=gradients,
             )
             timings["allocation_seconds"] = round(time.monotonic() - started, 2)

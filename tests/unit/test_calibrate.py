@@ -229,6 +229,19 @@ def test_a_calibrated_rank_allocation_job_exports_an_adapter_peft_loads_with_its
     assert all(m.scaling["default"] == pytest.approx(2.0) for m in layers.values())  # alpha follows the rank: alpha / r stays 2
 
 
+def test_max_layer_rank_caps_the_allocation_and_is_validated(tiny_model_dir, tmp_path):
+    from qdpo_core.errors import SpecError
+
+    free = run_pipeline(_spec(tiny_model_dir, lora_rank=1), tmp_path / "free").report["init"]["ranks"]
+    capped = run_pipeline(_spec(tiny_model_dir, lora_rank=1, max_layer_rank=1), tmp_path / "capped").report["init"]["ranks"]
+    assert max(free.values()) > 1  # the default cap (4 × rank) lets the largest errors take more than the rank
+    assert max(capped.values()) == 1 and capped != free
+    with pytest.raises(SpecError, match="train.max_layer_rank") as caught:
+        _spec(tiny_model_dir, lora_rank=8, max_layer_rank=4)
+    assert "lora_rank (8)" in str(caught.value)
+    assert _spec(tiny_model_dir, max_layer_rank=128).train.max_layer_rank == 128
+
+
 def test_rank_allocation_needs_the_calibrated_init(tiny_model_dir):
     from qdpo_core.errors import SpecError
 
