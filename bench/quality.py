@@ -63,6 +63,7 @@ METHODS = {
     # the same at rank 64: how much of the gap a larger adapter closes (the init's own row is its step 0)
     "kd-sampled3-r32": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "lora_rank": 32}},
     "kd-sampled3-r64": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "lora_rank": 64}},
+    "kd-sampled3-r64-lr2e-5": {"method": "kd", "train": {"learning_rate": 2e-5, "kd_sampled_answers": 3, "lora_rank": 64}},
     "kd-cal256-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "init_calibration_prompts": 256}},
     # the same plus the top-1 agreement hinge (train.kd_top1_weight): aimed at the greedy flips KL barely weighs
     "kd-sampled3-top1": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "kd_top1_weight": 1.0}},
