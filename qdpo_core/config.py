@@ -550,9 +550,7 @@ class TrainSpec(_Spec):
         choices=RANK_ALLOCATIONS,
         default=None,
     )
-    max_layer_rank: int | None = _help(
-        "calibrated rank allocation: the largest rank one layer may get; empty = 4 × lora_rank.", default=None
-    )
+    max_layer_rank: int | None = _help("calibrated rank allocation: the largest rank one layer may get; empty = 4 × lora_rank.", default=None)
     kd_objective: str = _help(
         "Distillation divergence per answer token: forward KL(FP‖model), reverse KL(model‖FP), or cakld "
         "(BitDistiller's confidence-aware mix: reverse weighted by the FP model's confidence in the token, forward by the rest).",
