@@ -58,12 +58,11 @@ METHODS = {
     "kd-lr1e-4": {"method": "kd", "train": {"learning_rate": 1e-4}},
     "kd-lr5e-5": {"method": "kd", "train": {"learning_rate": 5e-5}},
     "kd-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3}},
-    # kd-sampled3 from the init calibrated on 256 prompts (the best rtn3 init); run with --epochs 4 for 256 steps
-    "kd-sampled3-max128": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "max_layer_rank": 128}},
-    # the same at rank 64: how much of the gap a larger adapter closes (the init's own row is its step 0)
+    # the same at larger ranks: how much of the gap a larger adapter closes (the init's own row is its step 0)
     "kd-sampled3-r32": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "lora_rank": 32}},
     "kd-sampled3-r64": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "lora_rank": 64}},
     "kd-sampled3-r64-lr2e-5": {"method": "kd", "train": {"learning_rate": 2e-5, "kd_sampled_answers": 3, "lora_rank": 64}},
+    # kd-sampled3 from the init calibrated on 256 prompts (the best rtn3 init); run with --epochs 4 for 256 steps
     "kd-cal256-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "init_calibration_prompts": 256}},
     # the same plus the top-1 agreement hinge (train.kd_top1_weight): aimed at the greedy flips KL barely weighs
     "kd-sampled3-top1": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "kd_top1_weight": 1.0}},

@@ -36,7 +36,7 @@ with the FP model's greedy answers (never the held-out split). Layers that read 
 Rank allocation (`train.rank_allocation`): `uniform` gives every layer rank r; `calibrated` keeps the
 adapter's parameter count (Σ r·(in + out) over the layers) but spends it where the weighted residual
 has the most energy: the i-th rank of a layer removes σᵢ² of it and costs in + out parameters, so
-ranks go greedily to the largest σᵢ² / (in + out), up to 4·r in one layer. With the gradient weighting
+ranks go greedily to the largest σᵢ² / (in + out), up to 4·r in one layer (`train.max_layer_rank`). With the gradient weighting
 σᵢ² estimates the loss each rank removes, the same unit in every layer; without it each layer's
 error is taken relative to its own output ‖XWᵀ‖². Layers left with rank 0 get no adapter.
 
