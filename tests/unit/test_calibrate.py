@@ -257,13 +257,13 @@ def test_output_weighting_minimises_the_weighted_error_and_is_exact_at_full_rank
     right = whitening(x.T @ x, len(x), damping=1e-6)
     left = whitening(grads.T @ grads, len(grads), damping=1e-6)
 
-    def weighted_error(b, a):  # ‖T (R − BA) S‖ / ‖T R S‖
-        return float((left[0] @ (residual - b @ a).double() @ right[0]).norm() / (left[0] @ residual.double() @ right[0]).norm())
+    def weighted_error(b, a):  # ‖T (R − BA) S‖ / ‖T R S‖, T = Sᵀ of the gradients' Gram matrix
+        return float((left[0].T @ (residual - b @ a).double() @ right[0]).norm() / (left[0].T @ residual.double() @ right[0]).norm())
 
     for rank in (2, 6):
         with_output = weighted_error(*low_rank_factors(residual, rank, whiten=right, output=left))
         inputs_only = weighted_error(*low_rank_factors(residual, rank, whiten=right))
-        diagonal = weighted_error(*low_rank_factors(residual, rank, whiten=right, output=torch.diagonal(left[0] @ left[0]).sqrt()))
+        diagonal = weighted_error(*low_rank_factors(residual, rank, whiten=right, output=torch.diagonal(left[0] @ left[0].T).sqrt()))
         assert with_output < 0.9 * inputs_only, (rank, with_output, inputs_only)
         assert with_output <= diagonal + 1e-9
     assert weighted_error(*low_rank_factors(residual, 24, whiten=right, output=left)) < 1e-6
@@ -294,3 +294,41 @@ def test_gradient_grams_are_the_fisher_of_sampled_answers_at_each_layer_output(t
     assert torch.allclose(collector.grams[name], flat.T @ flat, rtol=1e-4, atol=1e-7)
     assert float(torch.diagonal(collector.grams[name]).min()) >= 0 and float(collector.grams[name].abs().max()) > 0
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())  # no weight got a gradient
+
+
+def test_the_cholesky_whitening_gives_the_corrections_of_the_symmetric_root():
+    """`whitening` returns a Cholesky factor, not H^½; both sides must still give the factors H^½ gives."""
+    x = _correlated_inputs(400, 32)
+    grads = _correlated_inputs(300, 24, seed=3)
+    residual = torch.randn(24, 32, generator=torch.Generator().manual_seed(5))
+
+    def symmetric(gram, count, damping=1e-3):  # the textbook form: H^½ and H^-½ from eigh
+        h = gram.double() / count
+        h = h + damping * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+        values, vectors = torch.linalg.eigh(h)
+        return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+
+    right, left = whitening(x.T @ x, len(x), 1e-3), whitening(grads.T @ grads, len(grads), 1e-3)
+    assert not torch.allclose(right[0], right[0].T)  # triangular, not the symmetric root
+    for rank in (3, 8):
+        b, a = low_rank_factors(residual, rank, whiten=right, output=left)
+        b_root, a_root = low_rank_factors(residual, rank, whiten=symmetric(x.T @ x, len(x)), output=symmetric(grads.T @ grads, len(grads)))
+        assert torch.allclose(b @ a, b_root @ a_root, atol=1e-5)
+        signs = torch.sign((b * b_root).sum(0))  # each singular pair may come out with the other sign
+        assert torch.allclose(b * signs, b_root, atol=1e-5) and torch.allclose(a * signs[:, None], a_root, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (16, 16)])
+def test_the_truncated_svd_gives_the_top_singular_triplets_of_a_full_svd(shape):
+    from qdpo_core.calibrate import _truncated_svd
+
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    u, s, vh = _truncated_svd(matrix, 6)
+    u_full, s_full, vh_full = torch.linalg.svd(matrix, full_matrices=False)
+    assert u.shape == (shape[0], 6) and s.shape == (6,) and vh.shape == (6, shape[1])
+    assert torch.allclose(s, s_full[:6], atol=1e-10)
+    signs = torch.sign((u * u_full[:, :6]).sum(0))
+    assert torch.allclose(u * signs, u_full[:, :6], atol=1e-8) and torch.allclose(vh * signs[:, None], vh_full[:6], atol=1e-8)
+    assert torch.allclose(u.T @ u, torch.eye(6, dtype=u.dtype), atol=1e-10)
+    zero_u, zero_s, zero_vh = _truncated_svd(torch.zeros(*shape, dtype=torch.float64), 4)  # nothing to correct: factors of zero, no NaN
+    assert torch.all(zero_s == 0) and torch.all(torch.isfinite(zero_u)) and torch.all(zero_u @ torch.diag(zero_s) @ zero_vh == 0)
