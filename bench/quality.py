@@ -42,6 +42,11 @@ METHODS = {
     "init-cal256": {"method": "kd", "train": {"epochs": 0, "init_calibration_prompts": 256}},
     # the calibrated rank allocation with a higher cap per layer (train.max_layer_rank; the default is 4 × rank = 64)
     "init-max128": {"method": "kd", "train": {"epochs": 0, "max_layer_rank": 128}},
+    # the damping of both Gram matrices (train.init_damping; default 1% of the mean diagonal) and more loss-gradient
+    # draws per calibration sequence for the output side (train.init_gradient_samples; default 2)
+    "init-damp0.001": {"method": "kd", "train": {"epochs": 0, "init_damping": 0.001}},
+    "init-damp0.1": {"method": "kd", "train": {"epochs": 0, "init_damping": 0.1}},
+    "init-grad8": {"method": "kd", "train": {"epochs": 0, "init_gradient_samples": 8}},
     # the parts of the default init one at a time: uniform ranks; no output (gradient) weighting; neither (the init before both)
     "init-uniform": {"method": "kd", "train": {"epochs": 0, "rank_allocation": "uniform"}},
     "init-input-alloc": {"method": "kd", "train": {"epochs": 0, "init_output_weighting": "none"}},
