@@ -332,3 +332,12 @@ def test_the_truncated_svd_gives_the_top_singular_triplets_of_a_full_svd(shape):
     assert torch.allclose(u.T @ u, torch.eye(6, dtype=u.dtype), atol=1e-10)
     zero_u, zero_s, zero_vh = _truncated_svd(torch.zeros(*shape, dtype=torch.float64), 4)  # nothing to correct: factors of zero, no NaN
     assert torch.all(zero_s == 0) and torch.all(torch.isfinite(zero_u)) and torch.all(zero_u @ torch.diag(zero_s) @ zero_vh == 0)
+
+
+def test_whitening_falls_back_to_the_symmetric_root_where_cholesky_fails():
+    indefinite = torch.diag(torch.tensor([4.0, 1.0, -0.5], dtype=torch.float64))  # not positive definite even after damping
+    root, inverse = whitening(indefinite, 1, damping=1e-3)
+    assert inverse is not None and torch.allclose(root, root.T)  # eigh's symmetric root, with its inverse
+    assert torch.allclose(root @ inverse, torch.eye(3, dtype=torch.float64), atol=1e-8)
+    factor, none = whitening(torch.eye(3, dtype=torch.float64) * 4, 1, damping=1e-3)
+    assert none is None and torch.allclose(factor @ factor.T, torch.eye(3, dtype=torch.float64) * 4 * 1.001)
