@@ -135,14 +135,13 @@ def whitening(gram: torch.Tensor, count: int, damping: float) -> tuple[torch.Ten
     symmetric root H^½: S = H^½·Q for an orthogonal Q, so the weighted residual R·S = (R·H^½)·Q has
     the singular values of R·H^½ and its right singular vectors turned by Q, which un-whitening
     (·S⁻¹) turns back — the same B and A, up to the sign of each singular pair. Cholesky and a
-    triangular solve cost a fraction of an eigendecomposition and two products with its vectors
-    (about 1 s for a 1536-wide Gram matrix in float64 on one core, for ~210 of them in SmolLM2-135M).
+    triangular solve cost a fraction of an eigendecomposition and the two products with its vectors
+    (those take about 1 s for a 1536-wide Gram matrix in float64 on one core).
     Where Cholesky fails (not positive definite in float64), the symmetric root from eigh.
     """
     h = gram.double() / max(count, 1)
     lam = damping * torch.diagonal(h).mean().clamp(min=1e-12)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    h = h + lam * eye
+    h = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0:
         return factor, None
@@ -196,6 +195,14 @@ def _weigh(matrix: torch.Tensor, left: Side, right: Side) -> torch.Tensor:
     return m
 
 
+def _times_inverse(m: torch.Tensor, side: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """M·S⁻¹ for `whitening`'s (S, S⁻¹): with the inverse given, a product; for a triangular S, a solve."""
+    root, inverse = side
+    if inverse is not None:
+        return m @ inverse.to(m)
+    return torch.linalg.solve_triangular(root.to(m), m, upper=False, left=False)
+
+
 def factor_ladder(
     residual: torch.Tensor,
     rank: int,
@@ -213,11 +220,11 @@ def factor_ladder(
     u, s, vh = _truncated_svd(_weigh(residual, output, right), rank)
     b, a = u[:, :rank] * s[:rank].sqrt(), s[:rank].sqrt()[:, None] * vh[:rank]
     if isinstance(right, tuple):
-        a = a @ right[1].to(a) if right[1] is not None else torch.linalg.solve_triangular(right[0].to(a), a, upper=False, left=False)
+        a = _times_inverse(a, right)
     elif right is not None:
         a = a / right.double().clamp(min=1e-8)
     if isinstance(output, tuple):
-        b = output[1].to(b).T @ b if output[1] is not None else torch.linalg.solve_triangular(output[0].to(b).T, b, upper=True)  # T⁻¹ = (S⁻¹)ᵀ
+        b = _times_inverse(b.T, output).T  # T⁻¹·B = (Bᵀ·S⁻¹)ᵀ with T = Sᵀ
     elif output is not None:
         b = b / output.double().clamp(min=1e-8)[:, None]
     return b.float(), a.float(), s.double() ** 2
