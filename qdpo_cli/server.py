@@ -210,18 +210,18 @@ def cmd_api(args) -> int:
 def _run_api(settings, host: str, port: int, workers: int = 1) -> int:
     import uvicorn
 
-    from api.main import create_app
+    from api.main import create_served_app
 
     if settings.bootstrap_api_key:
         ensure_embedded_key(settings)
     options = {"host": host, "port": port, "log_level": "info", "proxy_headers": True, "access_log": settings.api_access_log}
     if workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_served_app(settings), **options)
     else:
         # Several processes share the port; each builds the app from the same QDPO_* environment
-        # (api.main.create_app with no arguments) with its own connection pool and reconciler thread
+        # (api.main.create_served_app with no arguments) with its own connection pool and reconciler thread
         # (reconciler passes are compare-and-sets: running several at once does nothing twice).
-        uvicorn.run("api.main:create_app", factory=True, workers=workers, **options)
+        uvicorn.run("api.main:create_served_app", factory=True, workers=workers, **options)
     return 0
 
 
