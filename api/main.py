@@ -84,14 +84,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def create_served_app(settings: Settings | None = None) -> FastAPI:
-    """The app of a process that does nothing but serve it (`qdpo api`, each of its workers).
+    """The app of a process that does nothing but serve it (`qdpo api` and each of its workers, `qdpo serve`).
 
     What the process has built by now (modules, the app, its routes and schemas) lives as long as
     the process; a full garbage collection walked all of it, pausing the process 50-60 ms at a time
     under load on 2 cores, and those pauses were the slowest 1% of requests. `gc.freeze` moves it to
     a permanent generation, so collections only look at objects made since. Not done in
-    `create_app`: an app inside a longer-lived process (tests, the embedded mode) would pin that
-    process's objects for good.
+    `create_app`: an app inside a process that goes on doing other work (tests, a program that
+    embeds the app) would pin that process's objects for good.
     """
     app = create_app(settings)
     gc.collect()

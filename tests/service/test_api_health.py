@@ -62,8 +62,8 @@ def test_openapi_documents_every_route_with_examples(api_deployment):
 
 
 def test_a_served_app_leaves_its_start_up_objects_out_of_garbage_collections(api_deployment):
-    # `qdpo api` builds its app with create_served_app: a full collection over everything built at
-    # start-up paused the process 50-60 ms at a time under load; create_app (tests, embedded) freezes nothing.
+    # `qdpo api` / `qdpo serve` build their app with create_served_app: a full collection over everything
+    # built at start-up paused the process 50-60 ms at a time under load; create_app freezes nothing.
     import gc
 
     from api.main import create_app, create_served_app
