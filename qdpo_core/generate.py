@@ -3,8 +3,11 @@
 Greedy decoding (what pairs, baselines and evaluation use) runs our own KV-cached loop: one prefill
 that computes logits for the last position only, then one token per step for the rows still
 answering — a row that has finished leaves the batch (its cache rows are dropped), and the loop
-ends when every row has. It gives the same answers as `model.generate(do_sample=False)`
-(tests/unit/test_generate.py). Sampling goes through `model.generate`, whose samplers we do not copy.
+ends when every row has. Its cache is allocated once for the whole answer and written in place
+(`PreallocatedLayer`): transformers' dynamic cache concatenates every layer's keys and values anew
+at every step, which took a fifth of a 32-row batch's time here. It gives the same answers as
+`model.generate(do_sample=False)` (tests/unit/test_generate.py). Sampling goes through
+`model.generate`, whose samplers we do not copy.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass
@@ -28,6 +32,62 @@ class Decoding:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's keys and values in buffers sized for the prompt and the whole answer, filled in place.
+
+    `keys` / `values` are views of the filled part, as a dynamic layer's tensors would be; dropping
+    finished rows copies the buffers once, where a dynamic layer copies everything at every step.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self._keys = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
+        self._values = value_states.new_empty((batch, value_states.shape[1], self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {end} were asked for")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a preallocated generation cache is never cropped")
+
+    def reset(self) -> None:
+        self.length = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+def preallocated_cache(model, capacity: int) -> Cache:
+    """A cache for greedy decoding of up to `capacity` positions (prompt and answer) per row."""
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.get_text_config().num_hidden_layers)])
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -52,7 +112,8 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     was_training = model.training
     model.eval()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    cache = preallocated_cache(model, width + max_new_tokens)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
     cache = out.cache
     answers: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
