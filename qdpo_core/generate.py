@@ -47,10 +47,9 @@ class PreallocatedLayer(DynamicLayer):
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, _ = key_states.shape
         self.device = key_states.device
-        self._keys = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
-        self._values = value_states.new_empty((batch, value_states.shape[1], self.capacity, value_states.shape[-1]))
+        self._keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+        self._values = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,9 +84,16 @@ class PreallocatedLayer(DynamicLayer):
         self.is_initialized = False
 
 
-def preallocated_cache(model, capacity: int) -> Cache:
-    """A cache for greedy decoding of up to `capacity` positions (prompt and answer) per row."""
-    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.get_text_config().num_hidden_layers)])
+def preallocated_cache(model, capacity: int) -> Cache | None:
+    """A cache for greedy decoding of up to `capacity` positions (prompt and answer) per row.
+
+    None (the model makes its own) for a model with sliding-window or other non-full attention
+    layers, whose caches are not plain growing key/value tensors.
+    """
+    config = model.config.get_text_config()
+    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return None
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(config.num_hidden_layers)])
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
