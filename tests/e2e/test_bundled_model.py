@@ -71,7 +71,7 @@ def test_calibrated_init_alone_brings_the_bundled_model_closer_to_full_precision
 
 
 def test_greedy_loop_gives_transformers_answers_on_the_bundled_model():
-    from qdpo_core.generate import Decoding, greedy_generate, hf_generate
+    from qdpo_core.generate import Decoding, greedy_generate, hf_generate, shared_prefix_length
     from qdpo_core.models import load_full_precision, load_tokenizer, resolve_model_dir
     from qdpo_core.prompts import builtin_prompts
     from qdpo_core.tokens import encode_prompt
@@ -79,6 +79,7 @@ def test_greedy_loop_gives_transformers_answers_on_the_bundled_model():
     model_dir = resolve_model_dir("smollm2-135m-instruct")
     tokenizer, model = load_tokenizer(model_dir), load_full_precision(model_dir, "cpu")
     prompts = [encode_prompt(tokenizer, r["messages"], 512).ids for r in builtin_prompts("eval")[:8]]
+    assert shared_prefix_length(prompts) > 0  # the chat template's common start takes the shared-prefix path
     ours = greedy_generate(model, tokenizer, prompts, 40)
     reference = hf_generate(model, tokenizer, prompts, Decoding(max_new_tokens=40))
     assert [r.ids for r in ours] == [r.ids for r in reference]
