@@ -35,6 +35,22 @@ log = logging.getLogger(__name__)
 SKIP_MODULES = ("lm_head",)
 
 
+class _UnusedKernelNotice(logging.Filter):
+    """Drop bitsandbytes' import-time warning, on CPUs with AVX512-BF16, that it could not fetch a
+    fused 4-bit kernel from the Hub: that kernel serves the repacked inference path we turn off
+    (disable_cpu_weight_packing), so the warning (and its advice to install a package) is noise in
+    every job's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Installed at import: bitsandbytes logs it once, when its CPU backend is first imported.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+if not any(isinstance(f, _UnusedKernelNotice) for f in logging.getLogger(BNB_CPU_LOGGER).filters):
+    logging.getLogger(BNB_CPU_LOGGER).addFilter(_UnusedKernelNotice())
+
+
 @dataclass
 class QuantInfo:
     method: str

@@ -100,3 +100,15 @@ def test_lora_gradients_through_4bit_layers_match_dequantized_float(tiny_model_d
     assert grads_q.keys() == grads_d.keys() and len(grads_q) == 2 * 14
     for name in grads_d:
         assert torch.allclose(grads_q[name], grads_d[name], atol=1e-5, rtol=1e-3), name
+
+
+def test_the_notice_about_an_unused_bitsandbytes_kernel_is_dropped_and_other_warnings_are_not(caplog):
+    import logging
+
+    from qdpo_core.quantize import BNB_CPU_LOGGER
+
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=BNB_CPU_LOGGER):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "no Hub")
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
