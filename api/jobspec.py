@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import Row
+
 from api.core.errors import ApiError
 from api.schemas.jobs import AdapterInfo, JobCreate, JobPublic, Progress
 from qdpo_core import registry
@@ -143,7 +145,8 @@ def _epoch(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
 
-def job_public(job: models.Job) -> JobPublic:
+def job_public(job: models.Job | Row) -> JobPublic:
+    """What the API shows of a job: from a Job, or from a row of its SHOWN columns (service.crud.jobs)."""
     spec = job.spec
     dataset = {k: v for k, v in spec["dataset"].items() if k not in ("prompts", "pairs", "eval_prompts")}
     dataset["file_id"] = job.inputs.get("prompts") or job.inputs.get("pairs")

@@ -31,8 +31,8 @@ def _answer(session, body: BaseModel, status_code: int = 200) -> Response:
     return json_response(body, status_code)
 
 
-def get_tenant_job(session, tenant, job_id: str, shown_only: bool = False) -> Job:
-    job = jobs_crud.get_job(session, tenant_id=tenant.id, job_id=job_id, shown_only=shown_only)
+def get_tenant_job(session, tenant, job_id: str) -> Job:
+    job = jobs_crud.get_job(session, tenant_id=tenant.id, job_id=job_id)
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -111,7 +111,10 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
 def get_job(job_id: str, tenant: CurrentTenant, session: ReadSessionDep) -> Response:
     """Get a job: status, stage, progress with ETA, error, result."""
-    return _answer(session, job_public(get_tenant_job(session, tenant, job_id, shown_only=True)))
+    job = jobs_crud.get_shown_job(session, tenant_id=tenant.id, job_id=job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return _answer(session, job_public(job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409))
