@@ -146,7 +146,7 @@ def _epoch(value: datetime | None) -> int | None:
 
 
 def job_public(job: models.Job | Row) -> JobPublic:
-    """What the API shows of a job: from a Job, or from a row of its SHOWN columns (service.crud.jobs)."""
+    """What the API shows of a job: from a Job, or from a row of its shown columns (service.crud.jobs)."""
     spec = job.spec
     dataset = {k: v for k, v in spec["dataset"].items() if k not in ("prompts", "pairs", "eval_prompts")}
     dataset["file_id"] = job.inputs.get("prompts") or job.inputs.get("pairs")

@@ -126,10 +126,15 @@ def preallocated_cache(model, capacity: int) -> Cache | None:
     None (the model makes its own) for a model with sliding-window or other non-full attention
     layers, whose caches are not plain growing key/value tensors.
     """
-    config = model.config.get_text_config()
-    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+    if not full_attention_only(model):
         return None
-    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(config.num_hidden_layers)])
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.get_text_config().num_hidden_layers)])
+
+
+def full_attention_only(model) -> bool:
+    """Every layer keeps plain growing keys and values (no sliding window or other attention kinds)."""
+    config = model.config.get_text_config()
+    return not getattr(config, "sliding_window", None) and all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
 
 
 SHARED_PREFIX_MIN = 8  # a common start shorter than this is not worth a forward of its own
@@ -189,31 +194,33 @@ def _prefill(model, tokenizer, prompts: list[list[int]], attention_mask: torch.T
     return out.cache, out.logits[:, -1, :].argmax(-1)
 
 
-def _grouped_prefill(model, tokenizer, prompts, shared: int, attention_mask: torch.Tensor, cache: Cache, device) -> tuple[Cache, torch.Tensor]:
-    """Fill `cache` for a batch: the common start once, then rows of similar length a few at a time.
+def _grouped_prefill(model, tokenizer, prompts, shared: int, attention_mask: torch.Tensor, cache: Cache, device) -> torch.Tensor:
+    """Fill `cache` for a batch: the common start once, then rows of similar length a few at a time;
+    the first greedy tokens.
 
     Every row's cache is laid out [shared start][left padding][own tokens], as if the batch had been
     prefilled at once; only the padding is never computed.
     """
     rows, width = len(prompts), attention_mask.shape[1]
     layers = _preallocated_layers(cache)
-    prefix = preallocated_cache(model, shared)
+    prefix_layers: list[PreallocatedLayer] = []
     if shared:
+        prefix = preallocated_cache(model, shared)
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), cache=prefix, use_cache=True, logits_to_keep=1)
+        prefix_layers = _preallocated_layers(prefix)
     token = torch.empty(rows, dtype=torch.long, device=device)
     for group in prefill_groups([len(p) - shared for p in prompts]):
         own = max(len(prompts[i]) for i in group) - shared
         part = preallocated_cache(model, shared + own)
         part_layers = _preallocated_layers(part)
-        if shared:
-            for layer, prefix_layer in zip(part_layers, _preallocated_layers(prefix)):
-                layer.seed(prefix_layer, len(group))
+        for layer, prefix_layer in zip(part_layers, prefix_layers):  # nothing to seed without a shared start
+            layer.seed(prefix_layer, len(group))
         index = torch.tensor(group, device=device)
         mask = torch.cat([attention_mask[index, :shared], attention_mask[index, width - own :]], dim=-1)
         _, token[index] = _prefill(model, tokenizer, [prompts[i] for i in group], mask, part, device)
         for layer, part_layer in zip(layers, part_layers):
             layer.place(index, part_layer, shared, width, rows)
-    return cache, token
+    return token
 
 
 def _preallocated_layers(cache: Cache | None) -> list[PreallocatedLayer]:
@@ -230,7 +237,7 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     stop = torch.tensor(_stop_ids(model, tokenizer), device=device)
     was_training = model.training
     model.eval()
-    shared = shared_prefix_length(prompts) if len(prompts) > 1 and preallocated_cache(model, 1) is not None else 0
+    shared = shared_prefix_length(prompts) if len(prompts) > 1 and full_attention_only(model) else 0
     width = max(len(p) for p in prompts) - shared
     attention_mask = torch.zeros((len(prompts), shared + width), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # [shared start][left padding][the row's own tokens]
@@ -240,7 +247,7 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     if cache is None:
         cache, token = _prefill(model, tokenizer, prompts, attention_mask, None, device)
     else:
-        cache, token = _grouped_prefill(model, tokenizer, prompts, shared, attention_mask, cache, device)
+        token = _grouped_prefill(model, tokenizer, prompts, shared, attention_mask, cache, device)
     answers: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     active = list(range(len(prompts)))  # original row of each row still in the batch

@@ -105,29 +105,31 @@ def check_idempotent_reuse(earlier: Job, *, key: str, request: dict) -> None:
 
 
 # What the API shows of a job (api.jobspec.job_public): reading a job to answer with it loads only
-# these, not the report, the creation request or the lease bookkeeping.
-SHOWN = (
-    Job.id,
-    Job.status,
-    Job.stage,
-    Job.model,
-    Job.spec,
-    Job.inputs,
-    Job.suffix,
-    Job.metadata_,
-    Job.progress,
-    Job.error,
-    Job.fine_tuned_model,
-    Job.adapter_sha256,
-    Job.adapter_bytes,
-    Job.attempts,
-    Job.cancel_requested,
-    Job.created_at,
-    Job.started_at,
-    Job.finished_at,
+# these, not the report, the creation request or the lease bookkeeping; read as plain rows whose
+# attribute names are a Job's (labelled: metadata_ is the column "metadata").
+_SHOWN_ROW = tuple(
+    column.label(column.key)
+    for column in (
+        Job.id,
+        Job.status,
+        Job.stage,
+        Job.model,
+        Job.spec,
+        Job.inputs,
+        Job.suffix,
+        Job.metadata_,
+        Job.progress,
+        Job.error,
+        Job.fine_tuned_model,
+        Job.adapter_sha256,
+        Job.adapter_bytes,
+        Job.attempts,
+        Job.cancel_requested,
+        Job.created_at,
+        Job.started_at,
+        Job.finished_at,
+    )
 )
-# labelled with the attribute names: metadata_ is the column "metadata"
-_SHOWN_ROW = tuple(column.label(column.key) for column in SHOWN)
 
 # The lookups of every request, built once: building a statement and its cache key costs more
 # than executing the cached compiled form (about 0.3 ms of CPU a query).
@@ -145,7 +147,7 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
 
 
 def get_shown_job(session: Session, *, tenant_id: str, job_id: str) -> Row | None:
-    """The SHOWN columns of a tenant's job as a row with the same attribute names as a Job, for reading only."""
+    """The shown columns of a tenant's job as a row with the same attribute names as a Job, for reading only."""
     if not looks_like_id(job_id, "job"):
         return None
     return session.connection().execute(_SHOWN_JOB_OF_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first()
@@ -172,7 +174,7 @@ _JOB_PAGES = {(by_status, after_cursor): _jobs_page(by_status, after_cursor) for
 
 
 def list_jobs(session: Session, *, tenant_id: str, status: str | None, after: str | None, limit: int) -> tuple[list[Row], bool]:
-    """A page of the tenant's jobs as the API shows them: rows of the SHOWN columns, as get_shown_job's."""
+    """A page of the tenant's jobs as the API shows them: rows of the shown columns, as get_shown_job's."""
     params: dict[str, Any] = {"tenant_id": tenant_id, "status": status, "limit_": limit + 1}
     if after is not None:
         params["cursor_pk"] = cursor_pk(session, model=Job, after=after, tenant_id=tenant_id)
