@@ -474,7 +474,11 @@ class Run:
             checkpoints=trained["checkpoint_evals"],
             pairs={k: v for k, v in (self.done("pairs") or {}).items() if k != "seconds"},
             memory={k: (self.done("quantize") or {}).get(k) for k in ("fp_memory_bytes", "memory_bytes", "packed_bytes")},
-            compute={"device": (self.done("quantize") or {}).get("device"), "dtype": (self.done("quantize") or {}).get("dtype")},
+            compute={
+                "device": (self.done("quantize") or {}).get("device"),
+                "dtype": (self.done("quantize") or {}).get("dtype"),
+                "compiled_training": bool(trained.get("compiled")),
+            },
             samples=samples,
             init=self._init_summary(),
             **({"judge": judge} if judge is not None else {}),

@@ -107,7 +107,14 @@ def markdown_report(report: dict) -> str:
         f"# qdpo report: {report.get('method', '?')} on {report.get('model', '?')} ({report.get('quantization_label', '?')})",
         "",
         f"Held-out prompts: {report.get('eval_prompts', '?')}. Selected checkpoint: step {report.get('selected_checkpoint')}."
-        + (f" Computed on {report['compute']['device']} in {report['compute']['dtype']}." if (report.get("compute") or {}).get("dtype") else ""),
+        + (f" Computed on {report['compute']['device']} in {report['compute']['dtype']}" if (report.get("compute") or {}).get("dtype") else "")
+        + (
+            " (training steps through torch.compile'd layers)."
+            if (report.get("compute") or {}).get("compiled_training")
+            else "."
+            if (report.get("compute") or {}).get("dtype")
+            else ""
+        ),
         "",
         markdown_table(report),
         "",

@@ -218,3 +218,46 @@ def test_epoch_order_covers_every_example_once_with_little_padding(tiny_model_di
 
     shuffled = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
     assert padding(order) < 0.5 * padding([shuffled[i : i + 4] for i in range(0, 64, 4)])
+
+
+def test_compiled_layers_train_the_same_adapter_as_the_plain_ones(tiny_model_dir, tokenizer, examples, tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    plain = TrainSpec(epochs=2, batch_size=3, learning_rate=1e-3, select_best=False, nll_weight=0.2, compile="off")
+    compiled = TrainSpec(epochs=2, batch_size=3, learning_rate=1e-3, select_best=False, nll_weight=0.2, compile="on")
+    a_run = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "plain", plain).run()
+    events = []
+    trainer = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "compiled", compiled, events=events)
+    b_run = trainer.run()
+    assert not a_run.compiled and b_run.compiled
+    assert any("torch.compile'd decoder layers" in e.message for e in events)
+    assert all(type(layer).__name__ != "OptimizedModule" for layer in trainer.policy.get_base_model().model.layers)  # swapped back
+    a, b = _adapter(tmp_path / "plain" / "best"), _adapter(tmp_path / "compiled" / "best")
+    assert a.keys() == b.keys()
+    moved = max((a[n] - _adapter_start(n, a)).abs().max().item() for n in a if "lora_B" in n)
+    assert moved > 1e-4  # training changed B, so the comparison below says something
+    for name in a:  # batches of 3 and 2: two shapes through one dynamic-shape graph
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-3), (name, (a[name] - b[name]).abs().max())
+    assert [round(h["loss"], 4) for h in a_run.history] == [round(h["loss"], 4) for h in b_run.history]
+
+
+def _adapter_start(name: str, adapter: dict) -> torch.Tensor:
+    return torch.zeros_like(adapter[name])  # an identity-init LoRA starts with B = 0
+
+
+def test_a_failing_compiler_falls_back_to_the_plain_layers(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    spec = TrainSpec(epochs=1, batch_size=4, learning_rate=1e-3, select_best=False, compile="on")
+    events = []
+    result = _trainer(tiny_model_dir, tokenizer, examples, tmp_path / "run", spec, events=events).run()
+    torch._dynamo.reset()
+    assert not result.compiled and result.steps == 2
+    assert any(e.level == "warning" and "torch.compile failed" in e.message for e in events)
+    assert all(h["loss"] == h["loss"] for h in result.history)  # finite: the failed step was redone, not half-applied
