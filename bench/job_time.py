@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--dtype", default="float32", help="model.dtype (auto measures bfloat16 against float32)")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="train.compile (auto: compiled layers from 48 steps)")
     parser.add_argument("--workdir", default=str(HERE / "runs-job-time" / "reference"))
     parser.add_argument("--out", default=str(HERE / "results" / "job_time.json"))
     args = parser.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": {"max_train_prompts": args.train_prompts, "max_eval_prompts": args.eval_prompts},
             "generation": {"max_new_tokens": args.max_new_tokens},
             "eval": {"max_new_tokens": args.max_new_tokens},
-            "train": {"epochs": args.epochs},
+            "train": {"epochs": args.epochs, "compile": args.compile},
         }
     )
     workdir = Path(args.workdir)
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Reference job: {args.quantization}, {args.method}, {args.train_prompts} training / {args.eval_prompts} held-out prompts, "
         f"{args.max_new_tokens} new tokens, {args.epochs} epochs, {result.report['training_steps']} steps ({describe(info)}; "
-        f"computed in {result.report.get('compute', {}).get('dtype')})",
+        f"computed in {result.report.get('compute', {}).get('dtype')}"
+        f"{', training steps compiled' if result.report.get('compute', {}).get('compiled_training') else ''})",
         "",
         "| " + " | ".join(seconds) + " | total |",
         "|" + "---|" * (len(seconds) + 1),

@@ -580,7 +580,8 @@ class TrainSpec(_Spec):
     )
     compile: str = _help(
         "Run the training steps through torch.compile'd decoder layers: 'on', 'off', or 'auto' (on for runs of at least 48 optimizer steps, "
-        "where the one-off compile, about a minute on 2 CPU cores, is paid back; a failing compiler falls back to the plain layers).",
+        "where the one-off compile, about a minute on 2 CPU cores, is paid back). Only where every layer has the same LoRA ranks "
+        "(train.rank_allocation 'uniform'): the calibrated allocation's per-layer ranks would each compile apart. A failing compiler falls back to the plain layers.",
         choices=COMPILE_MODES,
         default="auto",
     )

@@ -28,7 +28,8 @@ from qdpo_core.losses import dpo_loss, kd_loss, nll_loss, top1_hinge
 from qdpo_core.tokens import SequenceBatch, collate, response_logits, scored_width, target_logps
 
 BUCKET_BATCHES = 8  # optimizer steps whose examples are sorted by length together (see Trainer.epoch_order)
-# train.compile 'auto' compiles the decoder layers for runs of at least this many optimizer steps. A cold
+# train.compile 'auto' compiles the decoder layers for runs of at least this many optimizer steps whose
+# layers all have the same LoRA ranks (see uniform_layers). A cold
 # compile of SmolLM2-135M's layer (forward and backward, dynamic shapes) took ~50 s on 2 cores (~18 s from
 # inductor's on-disk cache); a compiled step took 26-30% less time in bfloat16 and 12-17% less in float32
 # (bench/train_throughput.py), so it pays back within a few dozen steps.
@@ -85,6 +86,19 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # older torch: inductor errors arrive wrapped
         pass
     return tuple(errors)
+
+
+def uniform_layers(model) -> bool:
+    """Whether every decoder layer has the same trainable shapes (one compiled graph serves them all).
+
+    Not so under the calibrated rank allocation, which gives each layer its own LoRA ranks: every
+    distinct set of ranks would be a compile of its own (~10 s each here), more than the steps save.
+    """
+    layers = decoder_layers(model)
+    if layers is None:
+        return False
+    shapes = {tuple((name, tuple(p.shape)) for name, p in layer.named_parameters() if p.requires_grad) for layer in layers}
+    return len(shapes) == 1
 
 
 def should_compile(spec: TrainSpec, total_steps: int) -> bool:
@@ -427,9 +441,15 @@ class Trainer:
             # Step 0 = the starting adapter (initialised, or the identity): the floor the export never goes below.
             self.policy.save_pretrained(self.best_dir, save_embedding_layers=False)
         self.policy.train()
-        compiled = CompiledLayers(self.policy) if should_compile(spec, self.total_steps) and not state.finished else None
-        if compiled is not None:
-            self.emitter.log(f"training steps run torch.compile'd decoder layers (train.compile: {spec.compile}); the first step includes the compile")
+        compiled = None
+        if should_compile(spec, self.total_steps) and not state.finished:
+            if uniform_layers(self.policy):
+                compiled = CompiledLayers(self.policy)
+                self.emitter.log(f"training steps run torch.compile'd decoder layers (train.compile: {spec.compile}); the first step includes the compile")
+            elif spec.compile == "on":
+                self.emitter.warn(
+                    "train.compile: the layers' LoRA ranks differ (calibrated rank allocation), so each would compile apart; training with the plain layers"
+                )
         step_times: list[float] = []
         while not state.finished:
             epoch, position = state.epoch, state.position

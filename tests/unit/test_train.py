@@ -261,3 +261,21 @@ def test_a_failing_compiler_falls_back_to_the_plain_layers(tiny_model_dir, token
     assert not result.compiled and result.steps == 2
     assert any(e.level == "warning" and "torch.compile failed" in e.message for e in events)
     assert all(h["loss"] == h["loss"] for h in result.history)  # finite: the failed step was redone, not half-applied
+
+
+def test_layers_of_different_ranks_are_not_compiled(tiny_model_dir, tokenizer, examples, tmp_path):
+    from qdpo_core.train import target_layer_names, uniform_layers
+
+    student, _ = load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")
+    names = target_layer_names(student, "all-linear")
+    assert uniform_layers(make_policy(student, TrainSpec(lora_rank=4), seed=0))
+    student, _ = load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")
+    ranks = {name: 4 if i % 3 else 8 for i, name in enumerate(names)}  # as the calibrated allocation gives them
+    policy = make_policy(student, TrainSpec(lora_rank=4), seed=0, ranks=ranks)
+    assert not uniform_layers(policy)
+    events = []
+    spec = TrainSpec(epochs=1, batch_size=4, learning_rate=1e-3, select_best=False, compile="on")
+    trainer = Trainer(policy, None, tokenizer, examples, spec, "dpo", tmp_path, None, {}, Emitter(events.append), seed=0)
+    result = trainer.run()
+    assert not result.compiled and result.steps == 2
+    assert any(e.level == "warning" and "ranks differ" in e.message for e in events)
