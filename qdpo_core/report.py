@@ -102,19 +102,19 @@ def candidates_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _compute_sentence(compute: dict) -> str:
+    if not compute.get("dtype"):
+        return ""
+    compiled = " (training steps through torch.compile'd layers)" if compute.get("compiled_training") else ""
+    return f" Computed on {compute['device']} in {compute['dtype']}{compiled}."
+
+
 def markdown_report(report: dict) -> str:
     head = [
         f"# qdpo report: {report.get('method', '?')} on {report.get('model', '?')} ({report.get('quantization_label', '?')})",
         "",
         f"Held-out prompts: {report.get('eval_prompts', '?')}. Selected checkpoint: step {report.get('selected_checkpoint')}."
-        + (f" Computed on {report['compute']['device']} in {report['compute']['dtype']}" if (report.get("compute") or {}).get("dtype") else "")
-        + (
-            " (training steps through torch.compile'd layers)."
-            if (report.get("compute") or {}).get("compiled_training")
-            else "."
-            if (report.get("compute") or {}).get("dtype")
-            else ""
-        ),
+        + _compute_sentence(report.get("compute") or {}),
         "",
         markdown_table(report),
         "",

@@ -11,12 +11,14 @@ falling), so the exported adapter is the best held-out one and never worse than 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -29,10 +31,10 @@ from qdpo_core.tokens import SequenceBatch, collate, response_logits, scored_wid
 
 BUCKET_BATCHES = 8  # optimizer steps whose examples are sorted by length together (see Trainer.epoch_order)
 # train.compile 'auto' compiles the decoder layers for runs of at least this many optimizer steps whose
-# layers all have the same LoRA ranks (see uniform_layers). A cold
-# compile of SmolLM2-135M's layer (forward and backward, dynamic shapes) took ~50 s on 2 cores (~18 s from
-# inductor's on-disk cache); a compiled step took 26-30% less time in bfloat16 and 12-17% less in float32
-# (bench/train_throughput.py), so it pays back within a few dozen steps.
+# layers all have the same LoRA ranks (see uniform_layers). A cold compile of SmolLM2-135M's layer (forward
+# and backward, dynamic shapes) took ~50 s on 2 cores (~18 s from inductor's on-disk cache); a compiled
+# step took 29% less time in float32 in bench/train_throughput.py (26-30% less in bfloat16 in a probe), so
+# it pays back within a few dozen steps.
 COMPILE_MIN_STEPS = 48
 
 
@@ -52,23 +54,21 @@ class CompiledLayers:
     op) turns compilation off for the rest of the run; the step is redone eagerly.
     """
 
-    def __init__(self, model):
-        self.layers = decoder_layers(model)
-        self.plain = list(self.layers) if self.layers is not None else []
-        self.compiled = [torch.compile(layer, dynamic=True) for layer in self.plain]
-        self.enabled = bool(self.compiled)
+    def __init__(self, layers: torch.nn.ModuleList):
+        self.layers, self.plain = layers, list(layers)
+        self.compiled = [cast(torch.nn.Module, torch.compile(layer, dynamic=True)) for layer in self.plain]  # OptimizedModule
+        self.enabled = True
         self.error: str | None = None
 
     def __enter__(self) -> CompiledLayers:
-        if self.enabled and self.layers is not None:
+        if self.enabled:
             for i, layer in enumerate(self.compiled):
                 self.layers[i] = layer
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.layers is not None:
-            for i, layer in enumerate(self.plain):
-                self.layers[i] = layer
+        for i, layer in enumerate(self.plain):
+            self.layers[i] = layer
 
     def disable(self, error: BaseException) -> None:
         self.enabled, self.error = False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
@@ -88,17 +88,17 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def uniform_layers(model) -> bool:
-    """Whether every decoder layer has the same trainable shapes (one compiled graph serves them all).
+def uniform_layers(model) -> torch.nn.ModuleList | None:
+    """The decoder layers if every one has the same trainable shapes (one compiled graph serves them all), else None.
 
     Not so under the calibrated rank allocation, which gives each layer its own LoRA ranks: every
     distinct set of ranks would be a compile of its own (~10 s each here), more than the steps save.
     """
     layers = decoder_layers(model)
     if layers is None:
-        return False
+        return None
     shapes = {tuple((name, tuple(p.shape)) for name, p in layer.named_parameters() if p.requires_grad) for layer in layers}
-    return len(shapes) == 1
+    return layers if len(shapes) == 1 else None
 
 
 def should_compile(spec: TrainSpec, total_steps: int) -> bool:
@@ -443,12 +443,14 @@ class Trainer:
         self.policy.train()
         compiled = None
         if should_compile(spec, self.total_steps) and not state.finished:
-            if uniform_layers(self.policy):
-                compiled = CompiledLayers(self.policy)
+            layers = uniform_layers(self.policy)
+            if layers is not None:
+                compiled = CompiledLayers(layers)
                 self.emitter.log(f"training steps run torch.compile'd decoder layers (train.compile: {spec.compile}); the first step includes the compile")
             elif spec.compile == "on":
                 self.emitter.warn(
-                    "train.compile: the layers' LoRA ranks differ (calibrated rank allocation), so each would compile apart; training with the plain layers"
+                    "train.compile: the layers' LoRA ranks differ (calibrated rank allocation), so each would compile apart"
+                    " (or the model's decoder layers were not found); training with the plain layers"
                 )
         step_times: list[float] = []
         while not state.finished:
@@ -517,11 +519,7 @@ class Trainer:
             totals: dict[str, float] = {}
             try:
                 for indices in group:
-                    if compiled is not None and compiled.enabled:
-                        with compiled:
-                            loss, stats = self.batch_loss(indices, reference)
-                            (loss / len(group)).backward()
-                    else:
+                    with compiled or contextlib.nullcontext():
                         loss, stats = self.batch_loss(indices, reference)
                         (loss / len(group)).backward()
                     for key, value in stats.items():
