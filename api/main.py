@@ -60,9 +60,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.reconcile_interval_seconds > 0:
             reconciler = ReconcilerThread(settings, app.state.queue, settings.reconcile_interval_seconds)
             reconciler.start()
-        yield
-        if reconciler is not None:
-            reconciler.stop()
+        app.state.reads.open()
+        try:
+            yield
+        finally:
+            await app.state.reads.close()
+            if reconciler is not None:
+                reconciler.stop()
 
     app = FastAPI(title="qdpo", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan)
     app.state.settings = settings

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
 
     # Database connections (API, worker and reconciler alike)
     db_pool_size: int = Field(10, ge=1, description="Connections each process keeps open to the database; an API process serves this many requests at once.")
+    db_read_concurrency: int = Field(
+        6,
+        ge=1,
+        description="Reads each API process awaits at once on its event loop (GET of a job; Postgres), each on a connection of their own pool; more wait their turn in order.",
+    )
     db_max_overflow: int = Field(10, ge=0, description="Connections a process may open beyond the pool for a moment (probes, event streams, the reconciler).")
     db_pool_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for a free connection; then the request answers 503.")
     db_connect_timeout_seconds: int = Field(

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -114,6 +115,30 @@ def make_engine(url: str, pooled: bool = True, options: DatabaseOptions | None =
     return engine
 
 
+def make_async_engine(url: str, options: DatabaseOptions, pool_size: int) -> AsyncEngine | None:
+    """An engine of asyncio connections for reads awaited on an event loop; None for a database other than Postgres.
+
+    psycopg's own async connections (the URL's driver becomes `psycopg`), with the same timeouts,
+    keepalives, JSON parser and pre-ping as `make_engine`'s, each statement in autocommit (it only
+    reads). `pool_size` connections and no overflow: the caller runs at most that many reads at once.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return None
+    engine = create_async_engine(
+        parsed.set(drivername="postgresql+psycopg"),
+        connect_args=options.postgres_connect_args(),
+        json_deserializer=json_loads,
+        isolation_level="AUTOCOMMIT",
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=options.pool_timeout,
+    )
+    if options.pre_ping:
+        _ping_when_spoken_to(engine.sync_engine)
+    return engine
+
+
 def _ping_when_spoken_to(engine: Engine) -> None:
     """Pre-ping for Postgres without a round trip per checkout (SQLAlchemy's sends `SELECT 1` every time).
 
@@ -127,7 +152,8 @@ def _ping_when_spoken_to(engine: Engine) -> None:
     def check(dbapi_connection, _record, _proxy) -> None:
         try:
             poller = select.poll()
-            poller.register(dbapi_connection.fileno(), select.POLLIN)
+            # an asyncio connection is wrapped by SQLAlchemy's adapter; the driver's connection has the socket
+            poller.register(getattr(dbapi_connection, "driver_connection", dbapi_connection).fileno(), select.POLLIN)
             quiet = not poller.poll(0)
         except Exception:  # closed already, or no socket to ask: the real ping decides
             quiet = False

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from api import metrics
 from api.core.errors import ApiError
 from api.core.responses import json_response
-from api.deps import CurrentTenant, QueueDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep, release
+from api.deps import CurrentTenant, QueueDep, ReadsDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep, release
 from api.jobspec import build_spec, job_public
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
@@ -109,12 +109,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
-def get_job(job_id: str, tenant: CurrentTenant, session: ReadSessionDep) -> Response:
+async def get_job(job_id: str, tenant: CurrentTenant, reads: ReadsDep) -> Response:
     """Get a job: status, stage, progress with ETA, error, result."""
-    job = jobs_crud.get_shown_job(session, tenant_id=tenant.id, job_id=job_id)
+    query = jobs_crud.shown_job_query(tenant_id=tenant.id, job_id=job_id)  # awaited on the event loop: no thread (api.deps)
+    job = await reads.first(*query) if query is not None else None
     if job is None:
         raise not_found("job", job_id)
-    return _answer(session, job_public(job))
+    return json_response(job_public(job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(401, 404, 409))

@@ -146,11 +146,12 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(_JOB_OF_TENANT, {"job_id": job_id, "tenant_id": tenant_id})
 
 
-def get_shown_job(session: Session, *, tenant_id: str, job_id: str) -> Row | None:
-    """The shown columns of a tenant's job as a row with the same attribute names as a Job, for reading only."""
+def shown_job_query(*, tenant_id: str, job_id: str) -> tuple[Select, dict] | None:
+    """The statement and parameters whose first row has the shown columns of a tenant's job, with
+    the same attribute names as a Job (for reading only); None for an id that names no job."""
     if not looks_like_id(job_id, "job"):
         return None
-    return session.connection().execute(_SHOWN_JOB_OF_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first()
+    return _SHOWN_JOB_OF_TENANT, {"job_id": job_id, "tenant_id": tenant_id}
 
 
 def get_job_by_id(session: Session, *, job_id: str) -> Job | None:
@@ -174,7 +175,7 @@ _JOB_PAGES = {(by_status, after_cursor): _jobs_page(by_status, after_cursor) for
 
 
 def list_jobs(session: Session, *, tenant_id: str, status: str | None, after: str | None, limit: int) -> tuple[list[Row], bool]:
-    """A page of the tenant's jobs as the API shows them: rows of the shown columns, as get_shown_job's."""
+    """A page of the tenant's jobs as the API shows them: rows of the shown columns, as shown_job_query's."""
     params: dict[str, Any] = {"tenant_id": tenant_id, "status": status, "limit_": limit + 1}
     if after is not None:
         params["cursor_pk"] = cursor_pk(session, model=Job, after=after, tenant_id=tenant_id)
