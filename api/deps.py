@@ -18,20 +18,20 @@ validates a sync route's response in the thread pool, after the route returned).
 The trivial dependencies are `async def`: FastAPI runs a sync dependency in the thread pool,
 a thread hop per request each for nothing.
 
-The busiest routes do all their blocking work in that one thread: they give their connection back
-(`release`) and serialize their answer there (api.core.responses), where otherwise FastAPI would
-hop to a thread again to validate the returned model and the session's teardown once more to roll
-back. Routes that only read take a `ReadSessionDep`: its statements run without a transaction
-(autocommit), each seeing the data committed when it starts, as they do in a READ COMMITTED
-transaction, but without the BEGIN and ROLLBACK round trips; it must never write.
+The busy routes that write do all their blocking work in that one thread: they give their
+connection back (`release`) and serialize their answer there (api.core.responses), where otherwise
+FastAPI would hop to a thread again to validate the returned model and the session's teardown once
+more to roll back.
 
-The busiest read (GET of a job) takes no thread at all: on Postgres it is awaited on the event
-loop (`LoopReads`, asyncio connections of a small pool of their own), so it costs no thread hop and
-its thread does not fight the event loop and the other threads for the interpreter lock; with 64
-clients the threads' contention made the slowest requests twice the median, and the hop was a
+The busiest reads (GET of a job, the job list) take no thread at all: on Postgres they are awaited
+on the event loop (`LoopReads`, asyncio connections of a small pool of their own), so they cost no
+thread hop and no thread of theirs fights the event loop and the other threads for the interpreter
+lock; with 64 clients that contention made the slowest requests twice the median, and the hop was a
 tenth of the CPU. At most QDPO_DB_READ_CONCURRENCY such reads run at once; the rest wait in order
 (a fair semaphore: the pool's own queue lets a newcomer take a connection a waiter was woken for,
-and under load some requests then waited seconds). With SQLite the same reads run in a thread.
+and under load some requests then waited seconds). With SQLite the same reads run in a thread. Their
+statements run without a transaction (autocommit), each seeing the data committed when it starts,
+as in a READ COMMITTED transaction, but without the BEGIN and ROLLBACK round trips; they never write.
 """
 
 from __future__ import annotations
@@ -113,9 +113,24 @@ class LoopReads:
         finally:
             self.slots.release()
 
+    async def all(self, statement: Executable, params: dict) -> list[Row]:
+        """Every row of the statement."""
+        await _wait_for_slot(self.settings, self.slots)
+        try:
+            if self.engine is None:
+                return await anyio.to_thread.run_sync(self._all_in_thread, statement, params)
+            async with self.engine.connect() as connection:
+                return list(await connection.execute(statement, params))
+        finally:
+            self.slots.release()
+
     def _first_in_thread(self, statement: Executable, params: dict) -> Row | None:
         with self.read_sessions() as session:
             return session.connection().execute(statement, params).first()
+
+    def _all_in_thread(self, statement: Executable, params: dict) -> list[Row]:
+        with self.read_sessions() as session:
+            return list(session.connection().execute(statement, params))
 
 
 async def _take(request: Request, semaphore: asyncio.Semaphore) -> None:
@@ -174,15 +189,6 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         await _finish(request, session)
 
 
-async def get_read_session(request: Request) -> AsyncIterator[Session]:
-    """A session for routes that only read: autocommit, so no BEGIN / ROLLBACK (see the module docstring)."""
-    session = await _open(request, request.app.state.read_sessions)
-    try:
-        yield session
-    finally:
-        await _finish(request, session)
-
-
 def release(session: Session) -> None:
     """Give the session's connection back now, in the route's thread (its teardown then has nothing to do)."""
     _close(session)
@@ -205,7 +211,6 @@ async def get_queue(request: Request) -> JobQueue:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # released when the route returns, not after a download
-ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]  # reads only: no transaction
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 

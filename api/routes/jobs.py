@@ -11,11 +11,12 @@ from sqlalchemy.exc import IntegrityError
 from api import metrics
 from api.core.errors import ApiError
 from api.core.responses import json_response
-from api.deps import CurrentTenant, QueueDep, ReadsDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep, release
+from api.deps import CurrentTenant, QueueDep, ReadsDep, SessionDep, SettingsDep, StoreDep, release
 from api.jobspec import build_spec, job_public
 from api.schemas.common import Deleted, Page, error_responses
 from api.schemas.jobs import JobCreate, JobPublic, JobStatus
 from service.crud import jobs as jobs_crud
+from service.crud.pagination import checked_cursor, cursor_query, split_page
 from service.dispatch import create_and_queue, validate_and_queue, withdraw
 from service.errors import not_found
 from service.inputs import resolve_inputs
@@ -96,16 +97,22 @@ def create_job(
 
 
 @router.get("", response_model=Page[JobPublic], responses=error_responses(401, 422))
-def list_jobs(
+async def list_jobs(
     tenant: CurrentTenant,
-    session: ReadSessionDep,
+    reads: ReadsDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     after: Annotated[str | None, Query(description="Cursor: the last id of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
     """List your jobs, newest first."""
-    jobs, has_more = jobs_crud.list_jobs(session, tenant_id=tenant.id, status=status, after=after, limit=limit)
-    return _answer(session, Page[JobPublic](data=[job_public(j) for j in jobs], has_more=has_more, next_cursor=jobs[-1].id if has_more else None))
+    cursor_pk = None
+    if after is not None:  # awaited on the event loop, as GET of a job (api.deps)
+        query = cursor_query(model=Job, after=after, tenant_id=tenant.id)
+        row = await reads.first(query, {}) if query is not None else None
+        cursor_pk = checked_cursor(row[0] if row is not None else None, after)
+    rows = await reads.all(*jobs_crud.jobs_page_query(tenant_id=tenant.id, status=status, cursor_pk=cursor_pk, limit=limit))
+    jobs, has_more = split_page(rows, limit)
+    return json_response(Page[JobPublic](data=[job_public(j) for j in jobs], has_more=has_more, next_cursor=jobs[-1].id if has_more else None))
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))

@@ -176,10 +176,15 @@ _JOB_PAGES = {(by_status, after_cursor): _jobs_page(by_status, after_cursor) for
 
 def list_jobs(session: Session, *, tenant_id: str, status: str | None, after: str | None, limit: int) -> tuple[list[Row], bool]:
     """A page of the tenant's jobs as the API shows them: rows of the shown columns, as shown_job_query's."""
-    params: dict[str, Any] = {"tenant_id": tenant_id, "status": status, "limit_": limit + 1}
-    if after is not None:
-        params["cursor_pk"] = cursor_pk(session, model=Job, after=after, tenant_id=tenant_id)
-    return split_page(session.connection().execute(_JOB_PAGES[bool(status), after is not None], params), limit)
+    pk = cursor_pk(session, model=Job, after=after, tenant_id=tenant_id) if after is not None else None
+    return split_page(session.connection().execute(*jobs_page_query(tenant_id=tenant_id, status=status, cursor_pk=pk, limit=limit)), limit)
+
+
+def jobs_page_query(*, tenant_id: str, status: str | None, cursor_pk: int | None, limit: int) -> tuple[Select, dict]:
+    """The statement and parameters of list_jobs' page (limit + 1 rows: split_page tells whether there are more)
+    after the job of `cursor_pk` (service.crud.pagination.cursor_query finds it)."""
+    params: dict[str, Any] = {"tenant_id": tenant_id, "status": status, "limit_": limit + 1, "cursor_pk": cursor_pk}
+    return _JOB_PAGES[bool(status), cursor_pk is not None], params
 
 
 def _cas_where(with_owner: bool) -> Update:

@@ -11,7 +11,17 @@ from service.security import looks_like_id
 
 def cursor_pk(session: Session, *, model, after: str, tenant_id: str) -> int:
     """The pk of the row `after` names: the next page has the rows of smaller pk."""
-    pk = session.scalar(select(model.pk).where(model.id == after, model.tenant_id == tenant_id)) if looks_like_id(after) else None
+    query = cursor_query(model=model, after=after, tenant_id=tenant_id)
+    return checked_cursor(session.scalar(query) if query is not None else None, after)
+
+
+def cursor_query(*, model, after: str, tenant_id: str) -> Select | None:
+    """The statement whose one value is the pk of the row `after` names (None: not an id at all)."""
+    return select(model.pk).where(model.id == after, model.tenant_id == tenant_id) if looks_like_id(after) else None
+
+
+def checked_cursor(pk: int | None, after: str) -> int:
+    """The cursor's pk, or the 422 for a cursor that names no row of this list."""
     if pk is None:
         raise InvalidInput(f"after: {after[:80]!r} is not an id from a previous page of this list", "after", code="invalid_cursor")
     return pk
