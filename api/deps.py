@@ -37,15 +37,15 @@ as in a READ COMMITTED transaction, but without the BEGIN and ROLLBACK round tri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import anyio
 from cachetools import TTLCache
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Executable, Row
+from sqlalchemy import Executable, Result, Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,6 +58,8 @@ from service.errors import Unavailable
 from service.security import hash_api_key
 from service.storage import ArtifactStore
 from service.tables import Tenant
+
+T = TypeVar("T")
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `qdpo keys create --tenant NAME`.")
 
@@ -104,33 +106,29 @@ class LoopReads:
 
     async def first(self, statement: Executable, params: dict) -> Row | None:
         """The statement's first row, or None."""
-        await _wait_for_slot(self.settings, self.slots)
-        try:
-            if self.engine is None:
-                return await anyio.to_thread.run_sync(self._first_in_thread, statement, params)
-            async with self.engine.connect() as connection:
-                return (await connection.execute(statement, params)).first()
-        finally:
-            self.slots.release()
+        return await self._run(statement, params, _first_row)
 
     async def all(self, statement: Executable, params: dict) -> list[Row]:
         """Every row of the statement."""
+        return await self._run(statement, params, list)
+
+    async def _run(self, statement: Executable, params: dict, take: Callable[[Result], T]) -> T:
         await _wait_for_slot(self.settings, self.slots)
         try:
             if self.engine is None:
-                return await anyio.to_thread.run_sync(self._all_in_thread, statement, params)
+                return await anyio.to_thread.run_sync(self._run_in_thread, statement, params, take)
             async with self.engine.connect() as connection:
-                return list(await connection.execute(statement, params))
+                return take(await connection.execute(statement, params))
         finally:
             self.slots.release()
 
-    def _first_in_thread(self, statement: Executable, params: dict) -> Row | None:
+    def _run_in_thread(self, statement: Executable, params: dict, take: Callable[[Result], T]) -> T:
         with self.read_sessions() as session:
-            return session.connection().execute(statement, params).first()
+            return take(session.connection().execute(statement, params))
 
-    def _all_in_thread(self, statement: Executable, params: dict) -> list[Row]:
-        with self.read_sessions() as session:
-            return list(session.connection().execute(statement, params))
+
+def _first_row(result: Result) -> Row | None:
+    return result.first()
 
 
 async def _take(request: Request, semaphore: asyncio.Semaphore) -> None:

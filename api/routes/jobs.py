@@ -108,7 +108,7 @@ async def list_jobs(
     cursor_pk = None
     if after is not None:  # awaited on the event loop, as GET of a job (api.deps)
         query = cursor_query(model=Job, after=after, tenant_id=tenant.id)
-        row = await reads.first(query, {}) if query is not None else None
+        row = await reads.first(*query) if query is not None else None
         cursor_pk = checked_cursor(row[0] if row is not None else None, after)
     rows = await reads.all(*jobs_crud.jobs_page_query(tenant_id=tenant.id, status=status, cursor_pk=cursor_pk, limit=limit))
     jobs, has_more = split_page(rows, limit)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Select, select
+from functools import cache
+
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from service.errors import InvalidInput
@@ -12,12 +14,18 @@ from service.security import looks_like_id
 def cursor_pk(session: Session, *, model, after: str, tenant_id: str) -> int:
     """The pk of the row `after` names: the next page has the rows of smaller pk."""
     query = cursor_query(model=model, after=after, tenant_id=tenant_id)
-    return checked_cursor(session.scalar(query) if query is not None else None, after)
+    return checked_cursor(session.scalar(*query) if query is not None else None, after)
 
 
-def cursor_query(*, model, after: str, tenant_id: str) -> Select | None:
-    """The statement whose one value is the pk of the row `after` names (None: not an id at all)."""
-    return select(model.pk).where(model.id == after, model.tenant_id == tenant_id) if looks_like_id(after) else None
+def cursor_query(*, model, after: str, tenant_id: str) -> tuple[Select, dict] | None:
+    """The statement whose one value is the pk of the row `after` names, and its parameters (None: not an id at all)."""
+    return (_cursor_statement(model), {"after": after, "tenant_id": tenant_id}) if looks_like_id(after) else None
+
+
+@cache
+def _cursor_statement(model) -> Select:
+    """One statement per table, its values bound at execution (built once, not per request)."""
+    return select(model.pk).where(model.id == bindparam("after"), model.tenant_id == bindparam("tenant_id"))
 
 
 def checked_cursor(pk: int | None, after: str) -> int:
