@@ -71,6 +71,10 @@ METHODS = {
     "kd-cal256-sampled3": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "init_calibration_prompts": 256}},
     # the same plus the top-1 agreement hinge (train.kd_top1_weight): aimed at the greedy flips KL barely weighs
     "kd-sampled3-top1": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "kd_top1_weight": 1.0}},
+    # kd-sampled3 with the normalisation layers' scales trained too (train.train_norms)
+    "kd-sampled3-norms": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "train_norms": True}},
+    # kd-sampled3 with LoRA+ (train.lora_plus_ratio: B learns 8 times faster than A)
+    "kd-sampled3-loraplus": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "lora_plus_ratio": 8}},
     "kd-all": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_positions": "all"}},
     "qdpo+nll-rptq": {"method": "qdpo", "train": {"learning_rate": 2e-4, "nll_weight": 1.0}, "generation": {"rejected_model": "ptq"}},
     "auto": {"method": "auto", "train": {"learning_rate": 2e-4}},

@@ -578,6 +578,15 @@ class TrainSpec(_Spec):
         choices=KD_POSITIONS,
         default="answer",
     )
+    lora_plus_ratio: float = _help(
+        "LoRA+: the learning rate of the adapters' B matrices (and of trained norm scales) as a multiple of learning_rate, which A keeps; 1 = one rate for all.",
+        default=1.0,
+    )
+    train_norms: bool = _help(
+        "Also train the scales of the model's normalisation layers (RMSNorm weights: a few thousand numbers beside the LoRA weights, "
+        "saved in the adapter as PEFT modules_to_save). They re-balance each layer's input channels, which a low-rank adapter cannot do cheaply.",
+        default=False,
+    )
     compile: str = _help(
         "Run the training steps through torch.compile'd decoder layers: 'on', 'off', or 'auto' (on for runs of at least 48 optimizer steps, "
         "where the one-off compile, about a minute on 2 CPU cores, is paid back). Only where every layer has the same LoRA ranks "
@@ -676,6 +685,12 @@ class TrainSpec(_Spec):
         _check_bool(self.select_best, f"{p}.select_best")
         _check(self.selection_metric in SELECTION_METRICS, f"{p}.selection_metric", f"got {_shown(self.selection_metric)}; use kl or token_flip_rate")
         _check_int(self.early_stopping_patience, f"{p}.early_stopping_patience", 0, 1000)
+        _check_bool(self.train_norms, f"{p}.train_norms")
+        _check(
+            _is_number(self.lora_plus_ratio) and 1 <= self.lora_plus_ratio <= 64,
+            f"{p}.lora_plus_ratio",
+            f"got {_shown(self.lora_plus_ratio)}; use a number in [1, 64] such as 16 (1 = off)",
+        )
 
 
 @dataclass
@@ -750,5 +765,10 @@ class PipelineSpec(_Spec):
             self.method == "kd" or not self.train.kd_sampled_answers,
             "train.kd_sampled_answers",
             f"sampled distillation answers are built by method 'kd' only; set it to 0 for method {self.method!r}",
+        )
+        _check(
+            not (self.train.train_norms and self.quantization.method == "gguf"),
+            "train.train_norms",
+            "llama.cpp's LoRA adapters hold only linear layers, not norm scales; set it to false for quantization method 'gguf'",
         )
         _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"got {_shown(self.seed)}; use a non-negative integer up to {MAX_SEED:,} (2^32 - 1)")

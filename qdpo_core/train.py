@@ -174,6 +174,7 @@ def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None
         exclude_modules=sorted(name for name, r in ranks.items() if r == 0) or None,
         rank_pattern=rank_pattern,
         alpha_pattern={name: spec.lora_alpha * r / spec.lora_rank for name, r in rank_pattern.items()},
+        modules_to_save=norm_module_names(student) if spec.train_norms else None,
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
@@ -182,6 +183,15 @@ def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None
     if base_model_name is not None:
         policy.peft_config["default"].base_model_name_or_path = base_model_name
     return policy
+
+
+def norm_module_names(model) -> list[str]:
+    """The last name part of every normalisation layer with a scale (input_layernorm, norm, …)."""
+    names = set()
+    for name, module in model.named_modules():
+        if name and "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
 
 
 def linear_module_names(model) -> list[str]:
@@ -219,6 +229,18 @@ def check_target_modules(model, target_modules) -> None:
                 f"train.target_modules[{i}]: the model has no layer named {target!r}; use 'all-linear' or names from: {', '.join(available)}",
                 param="train.target_modules",
             )
+
+
+def make_optimizer(policy, spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW over the trained weights; with LoRA+ (lora_plus_ratio > 1) B and any trained norm scale learn that many times faster than A."""
+    if spec.lora_plus_ratio > 1:
+        from peft.optimizers import create_loraplus_optimizer
+
+        groups = create_loraplus_optimizer(policy, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=spec.lora_plus_ratio).param_groups
+        # peft's helper leaves an empty group for embedding adapters; one AdamW over the non-empty groups, with our weight decay
+        kept = [{"params": g["params"], "lr": g["lr"]} for g in groups if g["params"]]
+        return torch.optim.AdamW(kept, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
 
 def reset_to_identity(policy, seed: int) -> None:
@@ -430,7 +452,7 @@ class Trainer:
         spec = self.spec
         reference = self.reference_logps() if self.objective == "dpo" else None
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        optimizer = make_optimizer(self.policy, spec)
         scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(spec.warmup_ratio * self.total_steps), num_training_steps=self.total_steps)
         state = self._initial_state()
         latest = ckpt.latest_checkpoint(self.checkpoints)

@@ -275,3 +275,42 @@ def test_layers_of_different_ranks_are_not_compiled(tiny_model_dir, tokenizer, e
     result = trainer.run()
     assert not result.compiled and result.steps == 2
     assert any(e.level == "warning" and "ranks differ" in e.message for e in events)
+
+
+def test_trained_norm_scales_are_saved_and_reload_onto_a_fresh_base(tiny_model_dir, tokenizer, examples, tmp_path):
+    from peft import PeftModel
+
+    spec = TrainSpec(epochs=3, batch_size=4, learning_rate=3e-3, warmup_ratio=0, select_best=False, train_norms=True)
+    trainer = _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, objective="kd")
+    result = trainer.run()
+    saved = _adapter(result.best_dir)
+    norms = {name: t for name, t in saved.items() if "norm" in name}
+    assert norms and all(t.ndim == 1 for t in norms.values())  # every RMSNorm scale of the model, final one included
+    assert any(name.startswith("base_model.model.model.norm") for name in norms)
+    assert any(float((t - 1).abs().max()) > 1e-4 for t in norms.values())  # the tiny model's scales start at 1: they were trained
+    fresh, _ = load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")
+    loaded = PeftModel.from_pretrained(fresh, str(result.best_dir)).eval()
+    ids = torch.tensor([examples[0]["prompt_ids"] + examples[0]["chosen_ids"]])
+    trainer.policy.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, trainer.policy(ids).logits, atol=1e-5)
+        with loaded.disable_adapter():  # the base keeps its own scales
+            plain = loaded(ids).logits
+        assert not torch.allclose(plain, trainer.policy(ids).logits, atol=1e-3)
+
+
+def test_lora_plus_gives_b_and_norm_scales_the_higher_learning_rate(tiny_model_dir, tokenizer):
+    from qdpo_core.train import make_optimizer
+
+    student, _ = load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")
+    spec = TrainSpec(learning_rate=1e-4, lora_plus_ratio=8, train_norms=True)
+    policy = make_policy(student, spec, seed=0)
+    optimizer = make_optimizer(policy, spec)
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    trained = [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
+    assert len(rate) == len(trained)  # every trained weight is in exactly one group
+    for name, p in trained:
+        expected = 1e-4 if "lora_A" in name else 8e-4
+        assert rate[id(p)] == pytest.approx(expected), name
+    plain = make_optimizer(policy, TrainSpec(learning_rate=1e-4, train_norms=True))
+    assert {g["lr"] for g in plain.param_groups} == {1e-4}
