@@ -51,7 +51,9 @@ def test_a_job_runs_end_to_end(worker_deployment, tmp_path):
     body = tiny_job(checkpoint_every=1)
     body["dataset"] = {"file_id": prompts.id, "eval_file_id": held_out.id}
     job = client.jobs.create(**body, suffix="e2e", metadata={"suite": "service"})
-    assert job.status == "queued"
+    # the answer shows the job as it is when the answer is written: on a busy machine the worker may have
+    # taken it already (the status events below show it was queued first)
+    assert job.status in ("queued", "running")
 
     streamed = list(client.jobs.stream_events(job.id))  # live SSE until the job ends
 
