@@ -236,10 +236,9 @@ def make_optimizer(policy, spec: TrainSpec) -> torch.optim.Optimizer:
     if spec.lora_plus_ratio > 1:
         from peft.optimizers import create_loraplus_optimizer
 
-        groups = create_loraplus_optimizer(policy, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=spec.lora_plus_ratio).param_groups
-        # peft's helper leaves an empty group for embedding adapters; one AdamW over the non-empty groups, with our weight decay
-        kept = [{"params": g["params"], "lr": g["lr"]} for g in groups if g["params"]]
-        return torch.optim.AdamW(kept, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        return create_loraplus_optimizer(
+            policy, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=spec.lora_plus_ratio, loraplus_weight_decay=spec.weight_decay
+        )
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
 
