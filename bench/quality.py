@@ -75,6 +75,10 @@ METHODS = {
     "kd-sampled3-norms": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "train_norms": True}},
     # kd-sampled3 with LoRA+ (train.lora_plus_ratio: B learns 8 times faster than A)
     "kd-sampled3-loraplus": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "lora_plus_ratio": 8}},
+    # LoRA+ with the norm scales trained too (at ratio × lr, where plain train_norms barely moved them)
+    "kd-sampled3-loraplus-norms": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "lora_plus_ratio": 8, "train_norms": True}},
+    # kd-sampled3 with DoRA (train.dora: a learned scale per output channel of every adapted layer)
+    "kd-sampled3-dora": {"method": "kd", "train": {"learning_rate": 1e-4, "kd_sampled_answers": 3, "dora": True}},
     "kd-all": {"method": "kd", "train": {"learning_rate": 2e-4, "kd_positions": "all"}},
     "qdpo+nll-rptq": {"method": "qdpo", "train": {"learning_rate": 2e-4, "nll_weight": 1.0}, "generation": {"rejected_model": "ptq"}},
     "auto": {"method": "auto", "train": {"learning_rate": 2e-4}},

@@ -519,6 +519,20 @@ def set_lora_factors(layer: Any, b: torch.Tensor, a: torch.Tensor, adapter: str 
     with torch.no_grad():
         weight_a.copy_((a / root).to(weight_a.dtype))
         weight_b.copy_((b / root).to(weight_b.dtype))
+    match_dora_magnitude(layer, adapter)
+
+
+def match_dora_magnitude(layer: Any, adapter: str = "default") -> None:
+    """DoRA layers: set the per-channel magnitudes to the row lengths of base + s·B·A, so the layer
+    computes exactly base + s·B·A (DoRA's rescaling is then 1); no-op for plain LoRA layers."""
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)
+    if not magnitudes or adapter not in magnitudes:
+        return
+    dora = magnitudes[adapter]
+    with torch.no_grad():
+        delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+        norm = dora.get_weight_norm(dequantized_weight(layer).to(delta.device), delta, scaling=layer.scaling[adapter])
+        dora.weight.copy_(norm.to(dora.weight.dtype))
 
 
 def initialise_adapter(

@@ -587,6 +587,11 @@ class TrainSpec(_Spec):
         "saved in the adapter as PEFT modules_to_save). They re-balance each layer's input channels, which a low-rank adapter cannot do cheaply.",
         default=False,
     )
+    dora: bool = _help(
+        "DoRA: every adapted layer also learns a scale per output channel (the length of each row of its weight, a few thousand numbers "
+        "beside the LoRA factors), set from the init so the adapter starts where the init put it. Not for GGUF jobs (llama.cpp's LoRA adapters hold no such scales) nor int8 ones.",
+        default=False,
+    )
     compile: str = _help(
         "Run the training steps through torch.compile'd decoder layers: 'on', 'off', or 'auto' (on for runs of at least 48 optimizer steps, "
         "where the one-off compile, about a minute on 2 CPU cores, is paid back). Only where every layer has the same LoRA ranks "
@@ -686,6 +691,7 @@ class TrainSpec(_Spec):
         _check(self.selection_metric in SELECTION_METRICS, f"{p}.selection_metric", f"got {_shown(self.selection_metric)}; use kl or token_flip_rate")
         _check_int(self.early_stopping_patience, f"{p}.early_stopping_patience", 0, 1000)
         _check_bool(self.train_norms, f"{p}.train_norms")
+        _check_bool(self.dora, f"{p}.dora")
         _check(
             _is_number(self.lora_plus_ratio) and 1 <= self.lora_plus_ratio <= 64,
             f"{p}.lora_plus_ratio",
@@ -770,5 +776,15 @@ class PipelineSpec(_Spec):
             not (self.train.train_norms and self.quantization.method == "gguf"),
             "train.train_norms",
             "llama.cpp's LoRA adapters hold only linear layers, not norm scales; set it to false for quantization method 'gguf'",
+        )
+        _check(
+            not (self.train.dora and self.quantization.method == "gguf"),
+            "train.dora",
+            "llama.cpp's LoRA adapters hold only the low-rank factors, not DoRA's per-channel scales; set it to false for quantization method 'gguf'",
+        )
+        _check(
+            not (self.train.dora and self.quantization.method == "int8"),
+            "train.dora",
+            "bitsandbytes' int8 layers fail under PEFT's DoRA once they have run; set it to false for quantization method 'int8', or use nf4, fp4 or rtn",
         )
         _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"got {_shown(self.seed)}; use a non-negative integer up to {MAX_SEED:,} (2^32 - 1)")

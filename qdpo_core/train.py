@@ -175,6 +175,7 @@ def make_policy(student, spec: TrainSpec, seed: int, base_model_name: str | None
         rank_pattern=rank_pattern,
         alpha_pattern={name: spec.lora_alpha * r / spec.lora_rank for name, r in rank_pattern.items()},
         modules_to_save=norm_module_names(student) if spec.train_norms else None,
+        use_dora=spec.dora,
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
@@ -246,11 +247,14 @@ def reset_to_identity(policy, seed: int) -> None:
     """Put every LoRA layer back to PEFT's own start (seeded A, B = 0): the adapter adds nothing."""
     from peft.tuners.lora import LoraLayer
 
+    from qdpo_core.calibrate import match_dora_magnitude
+
     torch.manual_seed(seed)
     for module in policy.modules():
         if isinstance(module, LoraLayer):
             for adapter in module.lora_A:
                 module.reset_lora_parameters(adapter, True)
+                match_dora_magnitude(module, adapter)
 
 
 class Trainer:

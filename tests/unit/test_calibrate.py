@@ -341,3 +341,43 @@ def test_whitening_falls_back_to_the_symmetric_root_where_cholesky_fails():
     assert torch.allclose(root @ inverse, torch.eye(3, dtype=torch.float64), atol=1e-8)
     factor, none = whitening(torch.eye(3, dtype=torch.float64) * 4, 1, damping=1e-3)
     assert none is None and torch.allclose(factor @ factor.T, torch.eye(3, dtype=torch.float64) * 4 * 1.001)
+
+
+@pytest.mark.parametrize("method", ["nf4", "rtn"])
+def test_a_dora_adapter_starts_where_the_init_puts_it_and_its_scales_round_trip(tiny_model_dir, tokenizer, tmp_path, method):
+    """train.dora: the magnitudes are set from base + s·B·A, so the initialised DoRA model computes what the
+    plain LoRA init does; once the scales move, the saved adapter reproduces the model on a fresh base; the
+    identity reset puts them back to the base's own row lengths."""
+    from peft import PeftModel
+
+    from qdpo_core.train import reset_to_identity
+
+    quant = QuantSpec(method=method, bits=2, group_size=32) if method == "rtn" else QuantSpec(method=method)
+    teacher, batches = _calibration(tiny_model_dir, tokenizer)
+    ids, mask = batches[0].input_ids, batches[0].attention_mask
+    logits = {}
+    for dora in (False, True):
+        student, _ = load_quantized(tiny_model_dir, quant, "cpu")
+        policy = make_policy(student, TrainSpec(lora_rank=4, dora=dora), seed=0)
+        initialise_adapter(policy, teacher, "svd")
+        with torch.no_grad():
+            logits[dora] = policy(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        with policy.disable_adapter():
+            base = policy(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(logits[False], base, atol=1e-3)  # the init changed the model
+    assert torch.allclose(logits[True], logits[False], atol=1e-4)
+    scales = {name: p for name, p in policy.named_parameters() if "lora_magnitude_vector" in name}
+    assert len(scales) == 14 and all(p.requires_grad and p.ndim == 1 for p in scales.values())
+    with torch.no_grad():
+        for p in scales.values():
+            p.mul_(1.05)  # as training would move them
+        moved = policy(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(moved, logits[False], atol=1e-3)
+    policy.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    fresh, _ = load_quantized(tiny_model_dir, quant, "cpu")
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, moved, atol=1e-5)
+        reset_to_identity(policy, seed=0)
+        assert torch.allclose(policy(input_ids=ids, attention_mask=mask).logits, base, atol=1e-5)

@@ -314,3 +314,15 @@ def test_lora_plus_gives_b_and_norm_scales_the_higher_learning_rate(tiny_model_d
         assert rate[id(p)] == pytest.approx(expected), name
     plain = make_optimizer(policy, TrainSpec(learning_rate=1e-4, train_norms=True))
     assert {g["lr"] for g in plain.param_groups} == {1e-4}
+
+
+def test_dora_scales_are_trained_and_saved(tiny_model_dir, tokenizer, examples, tmp_path):
+    spec = TrainSpec(epochs=2, batch_size=4, learning_rate=3e-3, warmup_ratio=0, select_best=False, dora=True)
+    trainer = _trainer(tiny_model_dir, tokenizer, examples, tmp_path, spec, objective="kd")
+    start = {name: p.detach().clone() for name, p in trainer.policy.named_parameters() if "lora_magnitude_vector" in name}
+    result = trainer.run()
+    saved = {name: t for name, t in _adapter(result.best_dir).items() if "lora_magnitude_vector" in name}
+    assert len(saved) == len(start) == 14
+    for name, value in start.items():  # saved under PEFT's own key (without the adapter name)
+        key = name.removesuffix(".default.weight")
+        assert not torch.allclose(saved[key], value, atol=1e-5), name
