@@ -154,6 +154,9 @@ SHARED_STAGES = {
             "lora_alpha",
             "target_modules",
             "selection_metric",
+            # they change what the saved init adapter holds (norm scales, DoRA magnitudes set from the init)
+            "train_norms",
+            "dora",
         ),
     },
 }
