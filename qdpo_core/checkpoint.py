@@ -54,12 +54,24 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, schedule and RNG in place; return the trainer state."""
-    from peft import set_peft_model_state_dict
+def load_adapter_weights(policy, directory: Path) -> None:
+    """Put a saved adapter's weights into `policy` in place; every trained weight of the policy must be
+    in the file (PEFT alone would leave a missing one, such as a DoRA magnitude, as it was)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
+    weights = load_file(directory / "adapter_model.safetensors")
+    missing = sorted(set(get_peft_model_state_dict(policy, save_embedding_layers=False)) - set(weights))
+    if missing:
+        raise ValueError(
+            f"the adapter in {directory.name} lacks {len(missing)} of the model's adapter weights, e.g. {missing[0]}: it was saved with other train settings"
+        )
+    set_peft_model_state_dict(policy, weights)
+
+
+def load_checkpoint(path: Path, policy, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, schedule and RNG in place; return the trainer state."""
+    load_adapter_weights(policy, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)

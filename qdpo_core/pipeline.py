@@ -242,14 +242,12 @@ class Run:
     def initialised_policy(self):
         """The quantized model with the step-0 adapter, whether or not the init stage ran in this process."""
         if self.models.policy is None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
+            from qdpo_core.checkpoint import load_adapter_weights
             from qdpo_core.train import make_policy
 
             ranks = self.finished("init").get("ranks")
             policy = make_policy(self.models.student, self.spec.train, self.spec.seed, self.spec.model.name, ranks)
-            set_peft_model_state_dict(policy, load_file(self.workdir / "init" / "adapter" / "adapter_model.safetensors"))
+            load_adapter_weights(policy, self.workdir / "init" / "adapter")
             self.models.policy = policy
         return self.models.policy
 
@@ -429,10 +427,9 @@ class Run:
         }
 
     def _load_adapter(self, directory: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from qdpo_core.checkpoint import load_adapter_weights
 
-        set_peft_model_state_dict(self.initialised_policy(), load_file(directory / "adapter_model.safetensors"))
+        load_adapter_weights(self.initialised_policy(), directory)
 
     def evaluate(self, emitter: Emitter) -> dict:
         from qdpo_core.report import build_report
@@ -511,11 +508,10 @@ class Run:
 
     def _aligned_policy(self, best_dir: Path):
         """The quantized model with the selected adapter, whether or not training ran in this process."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from qdpo_core.checkpoint import load_adapter_weights
 
         policy = self.initialised_policy()
-        set_peft_model_state_dict(policy, load_file(best_dir / "adapter_model.safetensors"))
+        load_adapter_weights(policy, best_dir)
         return policy
 
     def export(self, emitter: Emitter) -> dict:

@@ -326,3 +326,16 @@ def test_dora_scales_are_trained_and_saved(tiny_model_dir, tokenizer, examples, 
     for name, value in start.items():  # saved under PEFT's own key (without the adapter name)
         key = name.removesuffix(".default.weight")
         assert not torch.allclose(saved[key], value, atol=1e-5), name
+
+
+def test_an_adapter_saved_without_the_dora_scales_is_refused_not_half_loaded(tiny_model_dir, tmp_path):
+    from qdpo_core.checkpoint import load_adapter_weights
+
+    plain = make_policy(load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")[0], TrainSpec(lora_rank=4), seed=0)
+    plain.save_pretrained(tmp_path / "plain", save_embedding_layers=False)
+    dora = make_policy(load_quantized(tiny_model_dir, QuantSpec(method="nf4"), "cpu")[0], TrainSpec(lora_rank=4, dora=True), seed=1)
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):
+        load_adapter_weights(dora, tmp_path / "plain")
+    load_adapter_weights(plain, tmp_path / "plain")  # its own file loads
+    dora.save_pretrained(tmp_path / "dora", save_embedding_layers=False)
+    load_adapter_weights(dora, tmp_path / "dora")
