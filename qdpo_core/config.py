@@ -734,6 +734,16 @@ class AutoSpec(_Spec):
         _check(len(set(self.candidates)) == len(self.candidates), "auto.candidates", "name each candidate once")
 
 
+# train knobs a quantization method cannot carry, with the reason the error gives
+UNSUPPORTED_TRAIN_KNOBS = {
+    "gguf": {
+        "train_norms": "llama.cpp's LoRA adapters hold only linear layers, not norm scales",
+        "dora": "llama.cpp's LoRA adapters hold only the low-rank factors, not DoRA's per-channel scales",
+    },
+    "int8": {"dora": "bitsandbytes' int8 layers fail under PEFT's DoRA once they have run (nf4, fp4 and rtn take it)"},
+}
+
+
 @dataclass
 class PipelineSpec(_Spec):
     prefix: ClassVar[str] = ""
@@ -772,19 +782,7 @@ class PipelineSpec(_Spec):
             "train.kd_sampled_answers",
             f"sampled distillation answers are built by method 'kd' only; set it to 0 for method {self.method!r}",
         )
-        _check(
-            not (self.train.train_norms and self.quantization.method == "gguf"),
-            "train.train_norms",
-            "llama.cpp's LoRA adapters hold only linear layers, not norm scales; set it to false for quantization method 'gguf'",
-        )
-        _check(
-            not (self.train.dora and self.quantization.method == "gguf"),
-            "train.dora",
-            "llama.cpp's LoRA adapters hold only the low-rank factors, not DoRA's per-channel scales; set it to false for quantization method 'gguf'",
-        )
-        _check(
-            not (self.train.dora and self.quantization.method == "int8"),
-            "train.dora",
-            "bitsandbytes' int8 layers fail under PEFT's DoRA once they have run; set it to false for quantization method 'int8', or use nf4, fp4 or rtn",
-        )
+        method = self.quantization.method
+        for knob, why in UNSUPPORTED_TRAIN_KNOBS.get(method, {}).items():
+            _check(not getattr(self.train, knob), f"train.{knob}", f"{why}; set it to false for quantization method {method!r}")
         _check(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed", f"got {_shown(self.seed)}; use a non-negative integer up to {MAX_SEED:,} (2^32 - 1)")
